@@ -1,0 +1,1 @@
+"""Pure data shared by every layer: specs, placement, routes, scenarios, errors."""

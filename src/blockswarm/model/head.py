@@ -1,0 +1,97 @@
+"""The client's share of the model: tokenizer, embeddings, final norm and LM head.
+
+Servers run blocks; the client turns tokens into the hidden states that enter block 0 and turns
+what leaves the last block into logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blockswarm.model.checkpoint import WeightReader, load_config, model_fingerprint, resolve_model
+from blockswarm.model.families import family_for, get_module, num_blocks
+from blockswarm.model.span import materialize, skeleton
+
+
+class ClientHead:
+    def __init__(self, path: Path, config, embed: nn.Module, position_embed: nn.Module | None,
+                 final_norm: nn.Module, lm_head: nn.Module, dtype: torch.dtype):
+        self.path, self.config = path, config
+        self.embed, self.position_embed = embed, position_embed
+        self.final_norm, self.lm_head = final_norm, lm_head
+        self.dtype = dtype
+        self.fingerprint = model_fingerprint(path)
+        self._tokenizer = None
+
+    @classmethod
+    def load(cls, model: str | Path, dtype: torch.dtype = torch.float32) -> "ClientHead":
+        path = resolve_model(model)
+        config = load_config(path)
+        family = family_for(config)
+        meta = skeleton(config)
+        weights = WeightReader(path)
+
+        def part(name: str) -> nn.Module:
+            return materialize(get_module(meta, name), name, weights, dtype, "cpu").eval()
+
+        embed = part(family.embed)
+        position_embed = part(family.position_embed) if family.position_embed else None
+        final_norm = part(family.final_norm)
+        if f"{family.head}.weight" in weights and not getattr(config, "tie_word_embeddings", False):
+            lm_head = part(family.head)
+        else:  # tied: the head is the embedding matrix
+            lm_head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False)
+            lm_head.weight = embed.weight
+        return cls(path, config, embed, position_embed, final_norm, lm_head, dtype)
+
+    @property
+    def num_blocks(self) -> int:
+        return num_blocks(self.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @torch.inference_mode()
+    def embed_tokens(self, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
+        """token_ids: (1, n) -> hidden states (1, n, hidden_size) entering block 0."""
+        hidden = self.embed(token_ids)
+        if self.position_embed is not None:
+            positions = torch.arange(start_position, start_position + token_ids.shape[1]).unsqueeze(0)
+            hidden = hidden + self.position_embed(positions)
+        return hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden states leaving the last block (1, n, d) -> logits (1, n, vocab)."""
+        return self.lm_head(self.final_norm(hidden))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._tokenizer
+
+    def encode(self, prompt: str, chat_template: bool = True) -> list[int]:
+        """Prompt -> token ids, through the chat template for instruct models when asked."""
+        tokenizer = self.tokenizer
+        if chat_template and getattr(tokenizer, "chat_template", None):
+            encoded = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+            return list(ids)
+        return tokenizer(prompt)["input_ids"]
+
+    def stop_token_ids(self) -> set[int]:
+        eos = self.config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tokenizer_eos = getattr(self._tokenizer, "eos_token_id", None) if self._tokenizer else None
+        if tokenizer_eos is not None:
+            ids.add(tokenizer_eos)
+        return ids

@@ -1,0 +1,126 @@
+"""A span of transformer blocks `[start, end)` that runs one session at a time with its own cache.
+
+The blocks are transformers' own decoder layers, built on the meta device and materialized
+from the checkpoint one span at a time, so a server holds only its blocks. Positions are passed
+explicitly: a server that does not hold block 0 still applies the right rotary angles and
+causal mask because the session's cache length tells it where the new tokens stand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from blockswarm.core.errors import BadRequest
+from blockswarm.model.checkpoint import WeightReader, load_config, resolve_model
+from blockswarm.model.families import Family, family_for, get_module, num_blocks
+
+
+def skeleton(config: PretrainedConfig) -> nn.Module:
+    """The whole model with no storage: a map of module names and shapes, built in milliseconds."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def materialize(module: nn.Module, prefix: str, weights: WeightReader, dtype: torch.dtype, device: str) -> nn.Module:
+    """Give a meta-device submodule real storage and fill it from the checkpoint."""
+    module = module.to_empty(device=device)
+    state = {}
+    for key, tensor in module.state_dict().items():
+        name = f"{prefix}.{key}"
+        if name in weights:
+            state[key] = weights.get(name).to(dtype)
+        elif tensor.dtype.is_floating_point:
+            raise BadRequest(f"checkpoint has no weight {name!r}")
+    module.load_state_dict(state, strict=False)
+    return module.to(dtype=dtype) if dtype.is_floating_point else module
+
+
+def rebuild_buffers(module: nn.Module, config: PretrainedConfig, device: str) -> nn.Module:
+    """Modules whose state is computed, not stored (rotary inverse frequencies), built anew."""
+    return type(module)(config=config).to(device)
+
+
+@dataclass
+class SpanCache:
+    """One session's KV cache on one span and how many tokens it already holds."""
+
+    kv: DynamicCache
+    length: int = 0
+
+
+class Span:
+    """Blocks `[start, end)` of a causal LM; `forward` advances one session by any number of tokens."""
+
+    def __init__(self, config: PretrainedConfig, family: Family, start: int, end: int,
+                 blocks: nn.ModuleList, rotary: nn.Module | None, dtype: torch.dtype, device: str):
+        self.config, self.family = config, family
+        self.start, self.end = start, end
+        self.blocks, self.rotary = blocks, rotary
+        self.dtype, self.device = dtype, device
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_blocks(config)
+        self._layer_types = layer_types[start:end]
+
+    @classmethod
+    def load(cls, model: str | Path, start: int, end: int, dtype: torch.dtype = torch.float32,
+             device: str = "cpu") -> "Span":
+        path = resolve_model(model)
+        config = load_config(path)
+        total = num_blocks(config)
+        if not 0 <= start < end <= total:
+            raise BadRequest(f"span {start}:{end} is not inside the model's blocks 0:{total}")
+        family = family_for(config)
+        meta = skeleton(config)
+        weights = WeightReader(path)
+        all_blocks = get_module(meta, family.layers)
+        blocks = nn.ModuleList(
+            materialize(all_blocks[i], f"{family.layers}.{i}", weights, dtype, device) for i in range(start, end)
+        )
+        rotary = rebuild_buffers(get_module(meta, family.rotary), config, device) if family.rotary else None
+        return cls(config, family, start, end, blocks.eval(), rotary, dtype, device)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def new_cache(self) -> SpanCache:
+        return SpanCache(DynamicCache(config=self.config))
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes on this whole span."""
+        heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        head_dim = getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * heads * head_dim * element * (self.end - self.start)
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, cache: SpanCache) -> torch.Tensor:
+        """hidden: (1, n_new, hidden_size) for tokens at positions cache.length .. cache.length+n_new-1."""
+        n_new = hidden.shape[1]
+        positions = torch.arange(cache.length, cache.length + n_new, device=self.device).unsqueeze(0)
+        masks = self._masks(hidden, cache.kv, positions)
+        extra = {}
+        if self.rotary is not None:
+            extra = {"position_embeddings": self.rotary(hidden, positions), "position_ids": positions}
+        for block, layer_type in zip(self.blocks, self._layer_types):
+            hidden = block(hidden, attention_mask=masks[layer_type], past_key_values=cache.kv,
+                           use_cache=True, **extra)
+        cache.length += n_new
+        return hidden
+
+    def _masks(self, hidden: torch.Tensor, kv: DynamicCache, positions: torch.Tensor) -> dict:
+        """transformers' own masks, sized against the first cache layer of each kind in this span."""
+        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks = {}
+        for layer_type in set(self._layer_types):
+            first = self.start + self._layer_types.index(layer_type)
+            masks[layer_type] = makers[layer_type](
+                config=self.config, inputs_embeds=hidden, attention_mask=None,
+                past_key_values=kv, position_ids=positions, layer_idx=first,
+            )
+        return masks

@@ -1,0 +1,1 @@
+"""Placement and routing policies: pure functions of a swarm view."""

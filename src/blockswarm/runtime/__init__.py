@@ -1,0 +1,1 @@
+"""Swarm runtime: wire protocol, servers, clients."""

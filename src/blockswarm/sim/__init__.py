@@ -1,0 +1,1 @@
+"""Discrete-event simulator of a swarm, running the planner's policies."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models saved as real checkpoints, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+def build_tiny_model(family: str, directory, num_layers: int = 6, seed: int = 0):
+    """A randomly initialised model of `family`, saved with save_pretrained into `directory`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                  max_position_embeddings=256)
+    if family == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common)
+    elif family == "qwen2":
+        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+                             tie_word_embeddings=False, **common)
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=num_layers, n_head=4, n_positions=256, vocab_size=128)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    dirs = {}
+    for family in TINY_FAMILIES:
+        directory = tmp_path_factory.mktemp(f"tiny-{family}")
+        build_tiny_model(family, directory)
+        dirs[family] = directory
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from blockswarm.model.checkpoint import ensure_smollm2
+
+    return ensure_smollm2()
