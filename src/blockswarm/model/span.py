@@ -99,26 +99,32 @@ class Span:
         return 2 * heads * head_dim * element * (self.end - self.start)
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: SpanCache) -> torch.Tensor:
-        """hidden: (1, n_new, hidden_size) for tokens at positions cache.length .. cache.length+n_new-1."""
+    def forward(self, hidden: torch.Tensor, cache: SpanCache, first: int | None = None) -> torch.Tensor:
+        """hidden: (1, n_new, hidden_size) for tokens at positions cache.length .. cache.length+n_new-1.
+
+        `first` is the block to enter at (default: the span's start); a route may enter a server
+        mid-span, and it always computes to the end of the span.
+        """
+        skip = 0 if first is None else first - self.start
         n_new = hidden.shape[1]
         positions = torch.arange(cache.length, cache.length + n_new, device=self.device).unsqueeze(0)
-        masks = self._masks(hidden, cache.kv, positions)
+        masks = self._masks(hidden, cache.kv, positions, skip)
         extra = {}
         if self.rotary is not None:
             extra = {"position_embeddings": self.rotary(hidden, positions), "position_ids": positions}
-        for block, layer_type in zip(self.blocks, self._layer_types):
+        for block, layer_type in zip(self.blocks[skip:], self._layer_types[skip:]):
             hidden = block(hidden, attention_mask=masks[layer_type], past_key_values=cache.kv,
                            use_cache=True, **extra)
         cache.length += n_new
         return hidden
 
-    def _masks(self, hidden: torch.Tensor, kv: DynamicCache, positions: torch.Tensor) -> dict:
-        """transformers' own masks, sized against the first cache layer of each kind in this span."""
+    def _masks(self, hidden: torch.Tensor, kv: DynamicCache, positions: torch.Tensor, skip: int) -> dict:
+        """transformers' own masks, sized against the first computed cache layer of each kind."""
         makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         masks = {}
-        for layer_type in set(self._layer_types):
-            first = self.start + self._layer_types.index(layer_type)
+        computed = self._layer_types[skip:]
+        for layer_type in set(computed):
+            first = self.start + skip + computed.index(layer_type)
             masks[layer_type] = makers[layer_type](
                 config=self.config, inputs_embeds=hidden, attention_mask=None,
                 past_key_values=kv, position_ids=positions, layer_idx=first,

@@ -1,0 +1,129 @@
+"""The `blockswarm` command. Thin: parse, call the library, print; user mistakes exit 2 with a message.
+
+Heavy imports (torch, transformers, zmq) happen inside the commands that need them, so planning
+and simulating start instantly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run a language model split by transformer blocks across many servers.")
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _fail(message: str, code: int = 2):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _parse_span(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        _fail(f"--blocks must look like START:END (end exclusive), e.g. 0:10; got {text!r}")
+    return start, end
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2", help="`smollm2` (embedded) or a local Hugging Face model directory."),
+    blocks: str = typer.Option(..., help="Blocks to hold, START:END with END exclusive, e.g. 10:20."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(0, help="Port to listen on; 0 picks a free one (printed in the READY line)."),
+    device: str = typer.Option("cpu", help="torch device for the blocks, e.g. cpu or cuda."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    cache_tokens: int = typer.Option(16384, help="KV-cache budget in tokens for the whole span, shared by sessions."),
+    session_timeout: float = typer.Option(300.0, help="Close sessions idle for this many seconds."),
+    threads: Optional[int] = typer.Option(None, help="torch threads for compute (default: torch's choice)."),
+):
+    """Hold a span of blocks and serve sessions over ZeroMQ until Ctrl-C."""
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.runtime.server import ServeConfig, run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    start, end = _parse_span(blocks)
+    try:
+        run_server(ServeConfig(model=model, start=start, end=end, host=host, port=port, device=device, dtype=dtype,
+                               cache_tokens=cache_tokens, session_timeout_s=session_timeout, threads=threads))
+    except BlockswarmError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt."),
+    servers: str = typer.Option(..., help="Comma-separated host:port of servers, in any order."),
+    model: str = typer.Option("smollm2", help="The same model the servers hold (the client needs its head)."),
+    max_new_tokens: int = typer.Option(64, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    chat_template: bool = typer.Option(True, help="Wrap the prompt in the model's chat template."),
+):
+    """Generate text through a chain of servers: text on stdout, route and timings on stderr."""
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.model.sampling import SamplingParams
+    from blockswarm.runtime.client import DistributedModel
+
+    try:
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        model_ = DistributedModel.from_servers([s for s in servers.split(",") if s.strip()], model=model)
+        result = model_.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 chat_template=chat_template,
+                                 on_token=lambda _id, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+    except BlockswarmError as exc:
+        _fail(str(exc))
+    sys.stdout.write("\n")
+    _report(result)
+
+
+def _report(result) -> None:
+    from blockswarm.runtime.report import timing_report
+
+    typer.echo(timing_report(result), err=True)
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="The question to ask."),
+    servers: int = typer.Option(3, help="How many local server processes to split the model over."),
+    max_new_tokens: int = typer.Option(48, help="Stop after this many new tokens."),
+):
+    """Start local servers holding SmolLM2-135M in spans, answer a prompt through them, shut down."""
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2
+    from blockswarm.model.families import num_blocks
+    from blockswarm.model.checkpoint import load_config
+    from blockswarm.runtime.client import DistributedModel
+    from blockswarm.runtime.launcher import even_spans, local_swarm
+
+    try:
+        typer.echo("Preparing SmolLM2-135M-Instruct (converted once, then cached)...", err=True)
+        blocks = num_blocks(load_config(ensure_smollm2()))
+        spans = even_spans(blocks, servers)
+        typer.echo(f"Starting {servers} servers: " + ", ".join(f"blocks {a}:{b}" for a, b in spans), err=True)
+        with local_swarm(SMOLLM2, spans, ["--threads", "1"]) as addresses:
+            typer.echo(f"Servers ready at {', '.join(addresses)}", err=True)
+            model = DistributedModel.from_servers(addresses, model=SMOLLM2)
+            typer.echo(f"\nQ: {prompt}\nA: ", nl=False)
+            result = model.generate(prompt, max_new_tokens=max_new_tokens,
+                                    on_token=lambda _id, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+            typer.echo("\n")
+            _report(result)
+        typer.echo("Servers stopped.", err=True)
+    except KeyboardInterrupt:
+        typer.echo("\nInterrupted; servers stopped.", err=True)
+        raise typer.Exit(130)
+    except BlockswarmError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,69 @@
+"""Start and stop local server processes (the demo, the tests and the benchmarks use it).
+
+Each server is a real `blockswarm serve` process on a free loopback port; readiness is its
+READY line on stdout, never a sleep. Leaving the context stops them all, on errors and Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import subprocess
+import sys
+import time
+
+from blockswarm.core.errors import BlockswarmError
+
+
+def even_spans(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def serve_command(model: str, start: int, end: int, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "blockswarm", "serve", "--model", str(model), "--blocks", f"{start}:{end}",
+            "--port", "0", *extra]
+
+
+@contextlib.contextmanager
+def local_swarm(model: str, spans: list[tuple[int, int]], extra_args: list[str] = (), timeout_s: float = 180.0):
+    """Yields the servers' addresses in span order once every one has printed READY."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes = [subprocess.Popen(serve_command(model, a, b, list(extra_args)), stdout=subprocess.PIPE,
+                                  stderr=None, text=True, env=env) for a, b in spans]
+    try:
+        yield [_wait_ready(p, timeout_s) for p in processes]
+    finally:
+        stop_all(processes)
+
+
+def _wait_ready(process: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            line = process.stdout.readline()
+            if line.startswith("READY "):
+                return line.split()[1]
+            if not line and process.poll() is not None:
+                break
+        elif process.poll() is not None:
+            break
+    raise BlockswarmError(f"server {' '.join(process.args[-6:])} did not become ready "
+                          f"(exit code {process.poll()}); see its messages above")
+
+
+def stop_all(processes: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()

@@ -1,0 +1,189 @@
+"""`blockswarm serve`: one process holding a span of blocks, serving sessions over ZeroMQ.
+
+One asyncio loop receives and answers messages on a ROUTER socket; one compute thread runs the
+model, so the socket stays responsive while a step is computing and steps of many sessions
+queue up. Every request is validated; a bad one gets an error reply and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import zmq
+import zmq.asyncio
+
+from blockswarm.core.errors import BadRequest, BlockswarmError
+from blockswarm.model.checkpoint import model_fingerprint, resolve_model
+from blockswarm.model.profile import SpanProfile, measure
+from blockswarm.model.span import Span
+from blockswarm.runtime.protocol import (
+    DTYPE_NAMES, DTYPES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply, ok,
+)
+from blockswarm.runtime.sessions import SessionTable
+
+log = logging.getLogger("blockswarm.server")
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    model: str
+    start: int
+    end: int
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port and report it in the READY line
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_tokens: int = 16384  # tokens of KV cache for the whole span, shared by all sessions
+    session_timeout_s: float = 300.0
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+
+class Server:
+    def __init__(self, config: ServeConfig, span: Span, profile: SpanProfile, fingerprint: str):
+        self.config, self.span, self.profile, self.fingerprint = config, span, profile, fingerprint
+        self.table = SessionTable(span.start, span.end, config.cache_tokens)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.address: str | None = None
+        self._stop = asyncio.Event()
+
+    @classmethod
+    def load(cls, config: ServeConfig) -> "Server":
+        if config.dtype not in DTYPES:
+            raise BadRequest(f"--dtype must be one of {sorted(DTYPES)}")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        path = resolve_model(config.model)
+        span = Span.load(path, config.start, config.end, dtype=DTYPES[config.dtype], device=config.device)
+        return cls(config, span, measure(span), model_fingerprint(path))
+
+    def info(self) -> ServerInfo:
+        return ServerInfo(
+            version=PROTOCOL_VERSION, model=self.fingerprint, num_blocks=int(self.span.config.num_hidden_layers),
+            start=self.span.start, end=self.span.end, hidden_size=self.span.hidden_size,
+            dtype=DTYPE_NAMES[self.span.dtype], cache_tokens=self.config.cache_tokens,
+            free_cache_tokens=self.table.free_cache_tokens, sessions=len(self.table.sessions),
+            block_decode_s=self.profile.block_decode_s,
+            block_prefill_s_per_token=self.profile.block_prefill_s_per_token,
+            block_prefill_base_s=self.profile.block_prefill_base_s,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, on_ready=None) -> None:
+        context = zmq.asyncio.Context()
+        socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the peer, not us
+        if self.config.port:
+            socket.bind(f"tcp://{self.config.host}:{self.config.port}")
+            port = self.config.port
+        else:
+            port = socket.bind_to_random_port(f"tcp://{self.config.host}")
+        self.address = f"{self.config.host}:{port}"
+        if on_ready:
+            on_ready(self)
+        tasks: set[asyncio.Task] = set()
+        expiry = asyncio.create_task(self._expire_idle())
+        stopped = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                receive = asyncio.ensure_future(socket.recv_multipart())
+                done, _ = await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if receive not in done:
+                    receive.cancel()
+                    break
+                frames = receive.result()
+                task = asyncio.create_task(self._handle(socket, frames[0], frames[1:]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            expiry.cancel()
+            stopped.cancel()
+            for task in list(tasks):
+                task.cancel()
+            socket.close(linger=0)
+            context.term()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _handle(self, socket, identity: bytes, body: list[bytes]) -> None:
+        rid, out = None, ()
+        try:
+            header, tensors = decode(body)
+            rid = header.get("rid") if isinstance(header.get("rid"), int) else None
+            reply, out = await self._dispatch(header, tensors, rid)
+        except BlockswarmError as exc:
+            reply = error_reply(rid, exc)
+        except Exception as exc:  # a bug: log it loudly, tell the client, keep serving others
+            log.exception("internal error while handling a request")
+            reply = {"ok": False, "rid": rid, "code": "internal", "retriable": False,
+                     "message": f"internal server error: {type(exc).__name__}: {exc}"}
+        await socket.send_multipart([identity, *encode(reply, out)])
+
+    async def _dispatch(self, header: dict, tensors: list, rid):
+        op = header.get("op")
+        if op == "info":
+            return ok(rid, **self.info().to_wire()), ()
+        if op == "open":
+            session = self.table.open(header.get("session"), header.get("start", self.span.start),
+                                      header.get("end", self.span.end), header.get("max_length"),
+                                      self.span.new_cache)
+            return ok(rid, reserved=session.max_length), ()
+        if op == "step":
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self._step, header, tensors, rid)
+        if op == "close":
+            self.table.close(header.get("session"))
+            return ok(rid), ()
+        raise BadRequest(f"unknown op {op!r:.40}; expected one of {', '.join(OPS)}")
+
+    def _step(self, header: dict, tensors: list, rid):
+        """Runs on the compute thread: validate against the session, then run the blocks."""
+        session = self.table.get(header.get("session"))
+        if len(tensors) != 1:
+            raise BadRequest(f"step takes exactly one tensor (hidden states), got {len(tensors)}")
+        hidden = tensors[0]
+        if hidden.dtype != self.span.dtype:
+            raise BadRequest(f"hidden states must be {DTYPE_NAMES[self.span.dtype]}, got {DTYPE_NAMES[hidden.dtype]}")
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or hidden.shape[2] != self.span.hidden_size:
+            raise BadRequest(f"hidden states must have shape (1, new_tokens>=1, {self.span.hidden_size}), "
+                             f"got {tuple(hidden.shape)}")
+        self.table.check_step(session, hidden.shape[1])
+        begin = time.perf_counter()
+        out = self.span.forward(hidden.to(self.span.device), session.cache, first=session.start)
+        session.length = session.cache.length
+        return ok(rid, step=header.get("step"), compute_s=time.perf_counter() - begin), (out,)
+
+    async def _expire_idle(self) -> None:
+        interval = max(0.05, min(5.0, self.config.session_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            for session_id in self.table.expire(self.config.session_timeout_s):
+                log.info("session %s expired after %.0f s idle", session_id, self.config.session_timeout_s)
+
+
+def run_server(config: ServeConfig) -> None:
+    """Load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM."""
+    server = Server.load(config)
+
+    def announce(srv: Server) -> None:
+        p = srv.profile
+        print(f"READY {srv.address} blocks {config.start}:{config.end} "
+              f"decode {p.block_decode_s * 1e3:.3f} ms/block/token "
+              f"prefill {p.block_prefill_s_per_token * 1e3:.4f} ms/token + {p.block_prefill_base_s * 1e3:.3f} ms per block",
+              flush=True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        await server.serve(announce)
+
+    asyncio.run(main())
