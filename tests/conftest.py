@@ -44,3 +44,20 @@ def smollm2_dir():
     from blockswarm.model.checkpoint import ensure_smollm2
 
     return ensure_smollm2()
+
+
+def reference_model(directory):
+    """The whole model as transformers loads it, with weights copied into fresh memory.
+
+    from_pretrained leaves weights memory-mapped; the CPU BLAS takes another GEMV path for those
+    than for ordinary allocations, which moves logits by up to ~4e-5 even for the whole model
+    against itself (enough to flip a near-tie in a random model). Spans copy their weights, so
+    the reference does too, to compare like with like.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
+    return model

@@ -9,19 +9,13 @@ from blockswarm.core.errors import BadRequest
 from blockswarm.model.head import ClientHead
 from blockswarm.model.span import Span
 
-from conftest import TINY_FAMILIES
+from conftest import TINY_FAMILIES, reference_model
 
 
 def whole_model_logits(directory, prompt_ids, decode_ids):
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    # from_pretrained leaves weights memory-mapped; the CPU BLAS takes another GEMV path for
-    # those than for ordinary allocations, which moves SmolLM2's logits by ~4e-5 even for the
-    # whole model against itself. Copy them into fresh memory, as a span does, to compare like
-    # with like (then the split is bit-exact).
-    for parameter in model.parameters():
-        parameter.data = parameter.data.clone()
+    model = reference_model(directory)
     cache = DynamicCache(config=model.config)
     outputs = []
     with torch.inference_mode():

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blockswarm.core.errors import ConfigError
 from blockswarm.model.checkpoint import WeightReader, load_config, model_fingerprint, resolve_model
 from blockswarm.model.families import family_for, get_module, num_blocks
 from blockswarm.model.span import materialize, skeleton
@@ -70,8 +71,14 @@ class ClientHead:
         return self.lm_head(self.final_norm(hidden))
 
     @property
+    def has_tokenizer(self) -> bool:
+        return any((self.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
+            if not self.has_tokenizer:
+                raise ConfigError(f"{self.path} has no tokenizer; pass token ids instead of text")
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)

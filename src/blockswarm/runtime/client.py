@@ -168,4 +168,6 @@ class DistributedModel:
         return GenerationResult(new, self._decode(new), self.chain, ttft, latencies, hops)
 
     def _decode(self, ids: list[int]) -> str:
+        if not self.head.has_tokenizer:  # token ids in, token ids out
+            return ""
         return self.head.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,120 @@
+"""End to end over real server processes on loopback, with a tiny random Llama model."""
+
+from __future__ import annotations
+
+import threading
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, TooLarge, UnknownSession
+from blockswarm.runtime.client import DistributedModel
+from blockswarm.runtime.connection import Connection
+from blockswarm.runtime.launcher import local_swarm
+
+from conftest import reference_model
+
+pytestmark = pytest.mark.slow
+SPANS = [(0, 2), (2, 4), (4, 6)]
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model_dirs):
+    directory = tiny_model_dirs["llama"]
+    with local_swarm(str(directory), SPANS, ["--threads", "1", "--cache-tokens", "2048"]) as addresses:
+        yield directory, addresses
+
+
+def reference_greedy(directory, prompt, new_tokens):
+    model = reference_model(directory)
+    ids = torch.tensor([prompt])  # explicit mask: token 0 is not padding here
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_through_three_servers_matches_transformers_generate(swarm):
+    directory, addresses = swarm
+    model = DistributedModel.from_servers(addresses[::-1], model=str(directory))  # order does not matter
+    assert [(h.start, h.end) for h in model.chain] == SPANS
+    prompt = [3, 14, 15, 92, 65, 35]
+    result = model.generate(prompt, max_new_tokens=20)
+    expected = reference_greedy(directory, prompt, 20)
+    assert result.token_ids == expected
+    assert len(result.hops) == 3 and all(len(h.round_trip_s) == len(expected) for h in result.hops)
+
+
+def test_eight_concurrent_sessions_all_correct(swarm):
+    directory, addresses = swarm
+    model = DistributedModel.from_servers(addresses, model=str(directory))
+    prompts = [[(7 * i + j) % 128 for j in range(3 + i)] for i in range(8)]
+    expected = [reference_greedy(directory, p, 12) for p in prompts]
+    results, errors = [None] * 8, []
+
+    def run(i):
+        try:
+            results[i] = model.generate(prompts[i], max_new_tokens=12, stop_at_eos=True).token_ids
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert results == expected
+
+
+def raw(address, *frames, timeout_ms=10000):
+    """Send arbitrary frames with a bare DEALER socket and return the decoded reply header."""
+    host, port = address.rsplit(":", 1)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(f"tcp://{host}:{port}")
+    socket.send_multipart(list(frames))
+    assert socket.poll(timeout_ms), "server did not answer"
+    reply = socket.recv_multipart()
+    socket.close()
+    return msgpack.unpackb(reply[0])
+
+
+def still_serves(directory, addresses):
+    model = DistributedModel.from_servers(addresses, model=str(directory))
+    assert len(model.generate([1, 2, 3], max_new_tokens=3, stop_at_eos=False).token_ids) == 3
+
+
+def test_bad_input_never_kills_a_server(swarm):
+    directory, addresses = swarm
+    first = addresses[0]
+    connection = Connection(zmq.Context.instance(), first, timeout_s=10)
+    connection.request("open", session="bad", start=0, end=2, max_length=4)
+    good = torch.zeros(1, 1, 64)
+    cases = [
+        (lambda: connection.request("step", (torch.zeros(1, 1, 32),), session="bad"), BadRequest, "shape"),
+        (lambda: connection.request("step", (good.double().float().half(),), session="bad"), BadRequest, "float32"),
+        (lambda: connection.request("step", (), session="bad"), BadRequest, "exactly one tensor"),
+        (lambda: connection.request("step", (good,), session="nope"), UnknownSession, "no open session"),
+        (lambda: connection.request("step", (torch.zeros(1, 5, 64),), session="bad"), LengthExceeded, "reserved 4"),
+        (lambda: connection.request("open", session="x", start=2, end=4, max_length=4), BadRequest, "holds blocks 0:2"),
+        (lambda: connection.request("open", session="y", start=0, end=2, max_length=10**6), TooLarge, "in total"),
+        (lambda: connection.request("dance"), BadRequest, "unknown op"),
+    ]
+    for call, error, text in cases:
+        with pytest.raises(error, match=text):
+            call()
+    # garbage that is not even our protocol
+    assert raw(first, b"\xc1garbage")["code"] == "bad_request"
+    assert raw(first, msgpack.packb({"op": "step", "session": "bad",
+                                     "tensors": [{"dtype": "float32", "shape": [1, 1, 64]}]}), b"short")["code"] == "bad_request"
+    # a full cache is retriable, and frees up when sessions close
+    connection.request("open", session="big", start=0, end=2, max_length=2000)
+    with pytest.raises(CacheFull) as caught:
+        connection.request("open", session="big2", start=0, end=2, max_length=2000)
+    assert caught.value.retriable
+    connection.request("close", session="big")
+    connection.request("close", session="bad")
+    connection.close()
+    still_serves(directory, addresses)
