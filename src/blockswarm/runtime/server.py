@@ -1,22 +1,21 @@
 """`blockswarm serve`: one process holding a span of blocks, serving sessions over ZeroMQ.
 
-One asyncio loop receives and answers messages on a ROUTER socket; one compute thread runs the
+One I/O loop receives and answers messages on a ROUTER socket; one compute thread runs the
 model, so the socket stays responsive while a step is computing and steps of many sessions
 queue up. Every request is validated; a bad one gets an error reply and the server goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import queue
 import signal
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import zmq
-import zmq.asyncio
 
 from blockswarm.core.errors import BadRequest, BlockswarmError
 from blockswarm.model.checkpoint import model_fingerprint, resolve_model
@@ -49,9 +48,8 @@ class Server:
     def __init__(self, config: ServeConfig, span: Span, profile: SpanProfile, fingerprint: str):
         self.config, self.span, self.profile, self.fingerprint = config, span, profile, fingerprint
         self.table = SessionTable(span.start, span.end, config.cache_tokens)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.address: str | None = None
-        self._stop = asyncio.Event()
+        self._stop = threading.Event()
 
     @classmethod
     def load(cls, config: ServeConfig) -> "Server":
@@ -75,59 +73,91 @@ class Server:
         )
 
     def stop(self) -> None:
+        """Ask the serving loop to finish (safe from signal handlers and other threads)."""
         self._stop.set()
 
-    async def serve(self, on_ready=None) -> None:
-        context = zmq.asyncio.Context()
-        socket = context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the peer, not us
+    def serve(self, on_ready=None) -> None:
+        """Serve until stop(): this thread polls the socket, one compute thread runs the steps.
+
+        Finished steps come back over an inproc socket polled with the ROUTER, so the hand-off
+        costs tens of microseconds (asyncio's executor and zmq.asyncio cost ~0.5 ms a message).
+        """
+        context = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the peer, not us
         if self.config.port:
-            socket.bind(f"tcp://{self.config.host}:{self.config.port}")
+            router.bind(f"tcp://{self.config.host}:{self.config.port}")
             port = self.config.port
         else:
-            port = socket.bind_to_random_port(f"tcp://{self.config.host}")
+            port = router.bind_to_random_port(f"tcp://{self.config.host}")
         self.address = f"{self.config.host}:{port}"
+        endpoint = f"inproc://finished-{id(self)}"
+        finished = context.socket(zmq.PULL)
+        finished.bind(endpoint)
+        work: queue.SimpleQueue = queue.SimpleQueue()
+        compute = threading.Thread(target=self._compute_loop, args=(context, endpoint, work),
+                                   name="compute", daemon=True)
+        compute.start()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(finished, zmq.POLLIN)
         if on_ready:
             on_ready(self)
-        tasks: set[asyncio.Task] = set()
-        expiry = asyncio.create_task(self._expire_idle())
-        stopped = asyncio.create_task(self._stop.wait())
+        expiry_interval = max(0.05, min(5.0, self.config.session_timeout_s / 4))
+        next_expiry = time.monotonic() + expiry_interval
         try:
             while not self._stop.is_set():
-                receive = asyncio.ensure_future(socket.recv_multipart())
-                done, _ = await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if receive not in done:
-                    receive.cancel()
-                    break
-                frames = receive.result()
-                task = asyncio.create_task(self._handle(socket, frames[0], frames[1:]))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                events = dict(poller.poll(100))
+                if finished in events:
+                    _drain(finished, router.send_multipart)
+                if router in events:
+                    _drain(router, lambda frames: self._on_message(router, work, frames[0], frames[1:]))
+                if time.monotonic() >= next_expiry:
+                    next_expiry = time.monotonic() + expiry_interval
+                    for session_id in self.table.expire(self.config.session_timeout_s):
+                        log.info("session %s expired after %.0f s idle", session_id, self.config.session_timeout_s)
         finally:
-            expiry.cancel()
-            stopped.cancel()
-            for task in list(tasks):
-                task.cancel()
-            socket.close(linger=0)
+            work.put(None)
+            compute.join(timeout=10)
+            router.close(linger=0)
+            finished.close(linger=0)
             context.term()
-            self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _handle(self, socket, identity: bytes, body: list[bytes]) -> None:
-        rid, out = None, ()
+    def _on_message(self, router, work: queue.SimpleQueue, identity: bytes, body: list[bytes]) -> None:
+        """On the I/O thread: answer cheap ops at once, queue steps for the compute thread."""
+        rid = None
         try:
             header, tensors = decode(body)
             rid = header.get("rid") if isinstance(header.get("rid"), int) else None
-            reply, out = await self._dispatch(header, tensors, rid)
+            if header.get("op") == "step":
+                work.put((identity, header, tensors, rid))
+                return
+            reply, out = self._dispatch(header, rid)
         except BlockswarmError as exc:
-            reply = error_reply(rid, exc)
-        except Exception as exc:  # a bug: log it loudly, tell the client, keep serving others
-            log.exception("internal error while handling a request")
-            reply = {"ok": False, "rid": rid, "code": "internal", "retriable": False,
-                     "message": f"internal server error: {type(exc).__name__}: {exc}"}
-        await socket.send_multipart([identity, *encode(reply, out)])
+            reply, out = error_reply(rid, exc), ()
+        router.send_multipart([identity, *encode(reply, out)])
 
-    async def _dispatch(self, header: dict, tensors: list, rid):
+    def _compute_loop(self, context: zmq.Context, endpoint: str, work: queue.SimpleQueue) -> None:
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(endpoint)
+        try:
+            while (item := work.get()) is not None:
+                identity, header, tensors, rid = item
+                try:
+                    reply, out = self._step(header, tensors, rid)
+                except BlockswarmError as exc:
+                    reply, out = error_reply(rid, exc), ()
+                except Exception as exc:  # a bug: log it loudly, tell the client, keep serving others
+                    log.exception("internal error while running a step")
+                    reply, out = {"ok": False, "rid": rid, "code": "internal", "retriable": False,
+                                  "message": f"internal server error: {type(exc).__name__}: {exc}"}, ()
+                push.send_multipart([identity, *encode(reply, out)])
+        finally:
+            push.close(linger=0)
+
+    def _dispatch(self, header: dict, rid):
         op = header.get("op")
         if op == "info":
             return ok(rid, **self.info().to_wire()), ()
@@ -136,9 +166,6 @@ class Server:
                                       header.get("end", self.span.end), header.get("max_length"),
                                       self.span.new_cache)
             return ok(rid, reserved=session.max_length), ()
-        if op == "step":
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self._step, header, tensors, rid)
         if op == "close":
             self.table.close(header.get("session"))
             return ok(rid), ()
@@ -161,14 +188,6 @@ class Server:
         session.length = session.cache.length
         return ok(rid, step=header.get("step"), compute_s=time.perf_counter() - begin), (out,)
 
-    async def _expire_idle(self) -> None:
-        interval = max(0.05, min(5.0, self.config.session_timeout_s / 4))
-        while True:
-            await asyncio.sleep(interval)
-            for session_id in self.table.expire(self.config.session_timeout_s):
-                log.info("session %s expired after %.0f s idle", session_id, self.config.session_timeout_s)
-
-
 def run_server(config: ServeConfig) -> None:
     """Load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM."""
     server = Server.load(config)
@@ -180,10 +199,16 @@ def run_server(config: ServeConfig) -> None:
               f"prefill {p.block_prefill_s_per_token * 1e3:.4f} ms/token + {p.block_prefill_base_s * 1e3:.3f} ms per block",
               flush=True)
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.stop)
-        await server.serve(announce)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    server.serve(announce)
 
-    asyncio.run(main())
+
+def _drain(socket, handle) -> None:
+    """Handle every message already waiting on a socket without blocking."""
+    while True:
+        try:
+            frames = socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        handle(frames)
