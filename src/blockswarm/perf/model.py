@@ -1,0 +1,78 @@
+"""The performance model of shared/spec/allocation.md §2: costs of hops and routes, memory and slots.
+
+    T(p) = Σ_{j∈p} (tᴵ_cj + k_j·τᴵ_j)  +  (l_out − 1)·Σ_{j∈p} (t_cj + k_j·τ_j)
+
+with hub-and-spoke relay (only client↔server RTTs count), t_cj = RTT + decode overhead and
+tᴵ_cj = RTT + per-token prefill transfer · l_in + prefill overhead (§7), plus a fixed set-up
+time per request in the time to first token. All times in seconds, memory in bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blockswarm.core.specs import Request, Route, Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTime:
+    ttft_s: float  # set-up + prefill through every hop (the first token)
+    per_token_s: float  # one decode step through every hop
+    completion_s: float  # ttft + (l_out − 1) · per_token
+
+
+def decode_link_s(scenario: Scenario, client: int, server: int) -> float:
+    """t_cj: one decode step's network cost between client c and server j."""
+    net = scenario.network
+    return net.rtt(scenario.clients[client].location, scenario.servers[server].location) + net.decode_overhead_s
+
+
+def prefill_link_s(scenario: Scenario, client: int, server: int, prompt_tokens: int) -> float:
+    """tᴵ_cj(l_in): the prefill message's network cost."""
+    net = scenario.network
+    rtt = net.rtt(scenario.clients[client].location, scenario.servers[server].location)
+    return rtt + net.prefill_s_per_token * prompt_tokens + net.prefill_overhead_s
+
+
+def hop_decode_s(scenario: Scenario, client: int, server: int, blocks: int) -> float:
+    """Per-token cost of a hop: t_cj + τ_j · k."""
+    return decode_link_s(scenario, client, server) + scenario.servers[server].decode_s * blocks
+
+
+def hop_prefill_s(scenario: Scenario, client: int, server: int, blocks: int, prompt_tokens: int) -> float:
+    """First-token cost of a hop: tᴵ_cj + k · τᴵ_j(l_in)."""
+    return (prefill_link_s(scenario, client, server, prompt_tokens)
+            + blocks * scenario.servers[server].prefill_s(prompt_tokens))
+
+
+def hop_service_s(scenario: Scenario, request: Request, server: int, blocks: int) -> float:
+    """A hop's whole share of a request's time: prefill + (l_out − 1) decode steps."""
+    return (hop_prefill_s(scenario, request.client, server, blocks, request.prompt_tokens)
+            + (request.output_tokens - 1) * hop_decode_s(scenario, request.client, server, blocks))
+
+
+def route_time(scenario: Scenario, route: Route, request: Request) -> RouteTime:
+    ttft = scenario.network.setup_s + sum(
+        hop_prefill_s(scenario, request.client, h.server, h.blocks, request.prompt_tokens) for h in route.hops)
+    per_token = route_per_token_s(scenario, route, request.client)
+    return RouteTime(ttft, per_token, ttft + (request.output_tokens - 1) * per_token)
+
+
+def route_per_token_s(scenario: Scenario, route: Route, client: int) -> float:
+    return sum(hop_decode_s(scenario, client, h.server, h.blocks) for h in route.hops)
+
+
+def slots(scenario: Scenario, server: int, blocks_held: int) -> int:
+    """n_j: block-sessions of cache that fit beside the weights of `blocks_held` blocks (§5)."""
+    free = scenario.servers[server].memory_bytes - scenario.model.block_bytes * blocks_held
+    return max(0, int(free // scenario.session_cache_bytes))
+
+
+def memory_used(scenario: Scenario, blocks_held: int, session_blocks: int) -> float:
+    """s_m · m_j + s_c · (blocks of j used by all active sessions)."""
+    return scenario.model.block_bytes * blocks_held + scenario.session_cache_bytes * session_blocks
+
+
+def default_request(scenario: Scenario, client: int = 0) -> Request:
+    w = scenario.workload
+    return Request(client=client, prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens)

@@ -1,0 +1,174 @@
+"""Load and validate a scenario file (YAML); every error names the offending field.
+
+It lives in perf, not core, because filling in a server's per-block times from its hardware
+is the performance model's job (perf/hardware.py). Format (see scenarios/clustered-9.yaml):
+
+    name: clustered-9
+    model: {catalogue: bloom-176b, weight_bytes_per_param: 0.53125, weight_overhead: 1.01, kv_bytes: 2}
+    servers:
+      - {count: 2, hardware: a100-80gb, location: cluster1, memory_gb: 79.13}   # times from the catalogue
+      - {count: 1, location: x, memory_gb: 8, decode_ms: 16, prefill_ms_per_token: 0.1, prefill_base_ms: 200}
+    clients: [{name: client0, location: cluster0}]
+    network:
+      rtt_ms: {within: 5, between: 100}          # or pairs: {"cluster0 cluster1": 100, ...}
+      decode_overhead_ms: 100
+      prefill_overhead_ms: 67
+      prefill_ms_per_token: 0.7049
+      setup_ms: 70
+    workload: {rate: 0.1, requests: 100, prompt_tokens: 20, output_tokens: 128}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blockswarm.core.catalogue import MODELS
+from blockswarm.core.errors import ConfigError
+from blockswarm.core.specs import ClientSpec, ModelSpec, NetworkSpec, Scenario, ServerSpec, WorkloadSpec
+from blockswarm.perf.hardware import block_times, hardware
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"scenario file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_scenario(data, source=str(path))
+
+
+def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
+    data = _mapping(data, source)
+    model = _model(_mapping(data.get("model"), "model"))
+    servers = _servers(data.get("servers"), model)
+    clients = _clients(data.get("clients"))
+    locations = {s.location for s in servers} | {c.location for c in clients}
+    network = _network(_mapping(data.get("network"), "network"), locations)
+    workload = _workload(_mapping(data.get("workload", {}), "workload"))
+    return Scenario(str(data.get("name", Path(source).stem)), model, servers, clients, network, workload)
+
+
+def _mapping(value, field: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{field}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _number(data: dict, key: str, field: str, default=None, minimum: float = 0.0, integer: bool = False):
+    value = data.get(key, default)
+    if value is None:
+        raise ConfigError(f"{field}.{key}: required")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError(f"{field}.{key}: must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{field}.{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _model(data: dict) -> ModelSpec:
+    if "catalogue" in data:
+        name = data["catalogue"]
+        if name not in MODELS:
+            raise ConfigError(f"model.catalogue: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+        base = MODELS[name]
+    else:
+        base = ModelSpec(name=str(data.get("name", "custom")),
+                         num_blocks=_number(data, "num_blocks", "model", minimum=1, integer=True),
+                         d_model=_number(data, "d_model", "model", minimum=1, integer=True),
+                         d_kv=_number(data, "d_kv", "model", default=data.get("d_model"), minimum=1, integer=True),
+                         params_per_block=_number(data, "params_per_block", "model", minimum=1, integer=True))
+    overrides = {key: _number(data, key, "model", minimum=1e-9)
+                 for key in ("weight_bytes_per_param", "weight_overhead", "kv_bytes") if key in data}
+    return dataclasses.replace(base, **overrides)
+
+
+def _servers(groups, model: ModelSpec) -> tuple[ServerSpec, ...]:
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError("servers: must be a non-empty list of server groups")
+    servers = []
+    for index, group in enumerate(groups):
+        field = f"servers[{index}]"
+        group = _mapping(group, field)
+        count = _number(group, "count", field, default=1, minimum=1, integer=True)
+        if "location" not in group:
+            raise ConfigError(f"{field}.location: required")
+        hw_name = group.get("hardware")
+        hw = hardware(hw_name) if hw_name else None
+        if hw is None and "memory_gb" not in group:
+            raise ConfigError(f"{field}: give hardware (one of the catalogue) or memory_gb and times")
+        memory = _number(group, "memory_gb", field, default=hw.memory_bytes / 1e9 if hw else None, minimum=1e-9) * 1e9
+        decode, slope, base = block_times(model, hw) if hw else (None, None, None)
+        decode = _number(group, "decode_ms", field, default=decode * 1e3 if decode else None, minimum=1e-9) / 1e3
+        slope = _number(group, "prefill_ms_per_token", field, default=slope * 1e3 if slope is not None else 0.0) / 1e3
+        base = _number(group, "prefill_base_ms", field, default=base * 1e3 if base is not None else 0.0) / 1e3
+        for k in range(count):
+            name = str(group.get("name", f"{hw_name or 'server'}-{len(servers)}"))
+            if count > 1 and "name" in group:
+                name = f"{name}-{k}"
+            servers.append(ServerSpec(name, str(group["location"]), memory, decode, slope, base, hw_name or "custom"))
+    return tuple(servers)
+
+
+def _clients(items) -> tuple[ClientSpec, ...]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError("clients: must be a non-empty list of {name, location}")
+    clients = []
+    for index, item in enumerate(items):
+        item = _mapping(item, f"clients[{index}]")
+        if "location" not in item:
+            raise ConfigError(f"clients[{index}].location: required")
+        rate = _number(item, "rate", f"clients[{index}]") if "rate" in item else None
+        clients.append(ClientSpec(str(item.get("name", f"client{index}")), str(item["location"]), rate))
+    return tuple(clients)
+
+
+def _pairs(data, field: str, locations: set[str], scale: float) -> dict[tuple[str, str], float]:
+    data = _mapping(data, field)
+    if set(data) <= {"within", "between"}:
+        within = _number(data, "within", field, default=0.0)
+        between = _number(data, "between", field, default=within)
+        return {(a, b): (within if a == b else between) * scale for a in locations for b in locations}
+    pairs = {}
+    for key, value in data.items():
+        parts = str(key).split()
+        if len(parts) != 2:
+            raise ConfigError(f"{field}: keys must be 'LOCATION_A LOCATION_B', got {key!r}")
+        pairs[(parts[0], parts[1])] = _number(data, key, field) * scale
+    for a in locations:
+        for b in locations:
+            if (a, b) not in pairs and (b, a) not in pairs:
+                raise ConfigError(f"{field}: no value for {a} <-> {b}")
+    return pairs
+
+
+def _network(data: dict, locations: set[str]) -> NetworkSpec:
+    rtt = _pairs(data.get("rtt_ms", {"within": 5, "between": 100}), "network.rtt_ms", locations, 1e-3)
+    bandwidth = _pairs(data.get("bandwidth_mbps", {"within": 1000, "between": 100}), "network.bandwidth_mbps",
+                       locations, 1e6)
+    defaults = NetworkSpec(rtt_s={})
+    return NetworkSpec(
+        rtt_s=rtt, bandwidth_bps=bandwidth,
+        decode_overhead_s=_number(data, "decode_overhead_ms", "network", defaults.decode_overhead_s * 1e3) / 1e3,
+        prefill_overhead_s=_number(data, "prefill_overhead_ms", "network", defaults.prefill_overhead_s * 1e3) / 1e3,
+        prefill_s_per_token=_number(data, "prefill_ms_per_token", "network", defaults.prefill_s_per_token * 1e3) / 1e3,
+        setup_s=_number(data, "setup_ms", "network", defaults.setup_s * 1e3) / 1e3,
+    )
+
+
+def _workload(data: dict) -> WorkloadSpec:
+    prompt = _number(data, "prompt_tokens", "workload", 20, minimum=1, integer=True)
+    output = _number(data, "output_tokens", "workload", 128, minimum=1, integer=True)
+    return WorkloadSpec(
+        rate=_number(data, "rate", "workload", 0.1, minimum=1e-12),
+        num_requests=_number(data, "requests", "workload", 100, minimum=1, integer=True),
+        prompt_tokens=prompt, output_tokens=output,
+        max_prompt_tokens=_number(data, "max_prompt_tokens", "workload", prompt, minimum=prompt, integer=True),
+        max_output_tokens=_number(data, "max_output_tokens", "workload", output, minimum=output, integer=True),
+        seed=_number(data, "seed", "workload", 0, integer=True),
+    )

@@ -1,0 +1,38 @@
+"""The read-only snapshot policies decide from. The simulator builds it from simulated state;
+the coordinator will build it from live reports. Policies never mutate it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from blockswarm.core.specs import Placement, Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmView:
+    scenario: Scenario
+    placement: Placement
+    now: float = 0.0
+    # server -> ((expected end time, slots held), ...) for the sessions active or reserved there
+    active: Mapping[int, tuple[tuple[float, int], ...]] = field(default_factory=dict)
+
+    def free_slots(self, server: int) -> int:
+        span = self.placement.span_of(server)
+        capacity = span.slots if span else 0
+        return capacity - sum(held for _, held in self.active.get(server, ()))
+
+    def wait_for_slots(self, server: int, needed: int) -> float | None:
+        """Seconds until `needed` slots are free at `server` (walking active sessions by end time);
+        None if they never will be (more than the server has)."""
+        span = self.placement.span_of(server)
+        if span is None or needed > span.slots:
+            return None
+        free = self.free_slots(server)
+        if free >= needed:
+            return 0.0
+        for end, held in sorted(self.active.get(server, ())):
+            free += held
+            if free >= needed:
+                return max(0.0, end - self.now)
+        return None

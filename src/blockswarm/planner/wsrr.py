@@ -1,0 +1,58 @@
+"""WS-RR (§5): route each arriving request at once on the waiting-penalized shortest path.
+
+A hop into server j computing k blocks needs k cache slots until the request completes; its
+cost is the time until k slots are free (0 if free now) plus the request's service time on
+that hop (prefill + decode terms of §2). The caller reserves the slots along the chosen route.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from blockswarm.core.errors import Infeasible
+from blockswarm.core.specs import Request, Route, Scenario
+from blockswarm.perf.model import default_request, hop_service_s, route_time
+from blockswarm.planner import cgbprr
+from blockswarm.planner.routing import shortest_route
+from blockswarm.planner.view import SwarmView
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    route: Route
+    wait_s: float  # until every hop of the route has its slots
+
+
+def route(view: SwarmView, request: Request) -> RoutingDecision:
+    scenario = view.scenario
+    waits: dict[tuple[int, int], float] = {}
+
+    def cost(server: int, start: int, end: int) -> float | None:
+        wait = view.wait_for_slots(server, end - start)
+        if wait is None:
+            return None
+        waits[(server, end - start)] = wait
+        return wait + hop_service_s(scenario, request, server, end - start)
+
+    try:
+        chosen = shortest_route(view.placement, cost)[1]
+    except Infeasible:
+        raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
+    return RoutingDecision(chosen, max(waits[(h.server, h.blocks)] for h in chosen.hops))
+
+
+def choose_R(scenario: Scenario, rate: float | None = None) -> int:
+    """R = round(λ·T̄ + √(λ·T̄)), T̄ the time of one request under the offline plan, capped by the largest feasible R."""
+    rate = scenario.workload.rate if rate is None else rate
+    largest = cgbprr.max_feasible_R(scenario)
+    if largest == 0:
+        raise Infeasible("the swarm cannot hold the model plus one request's cache; add servers or memory")
+    plan = cgbprr.place(scenario, 1)
+    view = SwarmView(scenario, plan.placement)
+    times = []
+    for client in range(len(scenario.clients)):
+        request = default_request(scenario, client)
+        times.append(route_time(scenario, cgbprr.route(view, request), request).completion_s)
+    load = rate * sum(times) / len(times)
+    return max(1, min(largest, round(load + math.sqrt(load))))
