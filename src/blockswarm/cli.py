@@ -125,5 +125,34 @@ def demo(
         _fail(str(exc))
 
 
+@app.command()
+def plan(
+    scenario: str = typer.Argument(..., help="Scenario YAML file, e.g. scenarios/clustered-9.yaml."),
+    policy: str = typer.Option("cgbprr", help="petals, cgbprr, wsrr, milp or rr-ilp."),
+    r: Optional[int] = typer.Option(None, "--R", help="Concurrent requests to size for (default: from the "
+                                    "workload's rate, R = round(λT + sqrt(λT)))."),
+    milp_requests: int = typer.Option(10, help="The MILP solves for at most this many concurrent requests."),
+    time_limit: float = typer.Option(60.0, help="Solver time limit in seconds (milp, rr-ilp)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the plan as JSON here."),
+):
+    """Place blocks and route each client with a policy; print predictions and the bound."""
+    import json
+
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.perf.scenario import load_scenario
+    from blockswarm.planner.registry import plan as make_plan
+    from blockswarm.planner.report import print_plan
+
+    try:
+        result = make_plan(load_scenario(scenario), policy, R=r, milp_requests=milp_requests,
+                           time_limit_s=time_limit)
+    except BlockswarmError as exc:
+        _fail(str(exc))
+    print_plan(result)
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result.to_json(), handle, indent=2)
+
+
 def main() -> None:
     app()

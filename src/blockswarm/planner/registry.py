@@ -1,0 +1,126 @@
+"""Policies by name, and `plan`: one offline decision (placement + a route per client) with its predictions.
+
+Placements and routers are registered separately so the simulator can pair them
+(`PLACEMENT+ROUTING`); `plan` knows the five whole policies of the planner issue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from blockswarm.core.errors import ConfigError
+from blockswarm.core.specs import Placement, Request, Route, Scenario
+from blockswarm.perf.model import default_request, route_time
+from blockswarm.planner import cgbprr, milp, petals, rr_ilp, wsrr
+from blockswarm.planner.view import SwarmView
+
+
+def _place_petals(scenario: Scenario, R: int) -> Placement:
+    return petals.place(scenario)
+
+
+def _place_cgbp(scenario: Scenario, R: int) -> Placement:
+    return cgbprr.place(scenario, R).placement
+
+
+def _route_wsrr(view: SwarmView, request: Request) -> Route:
+    return wsrr.route(view, request).route
+
+
+PLACEMENTS: dict[str, Callable[[Scenario, int], Placement]] = {"petals": _place_petals, "cgbp": _place_cgbp}
+ROUTERS: dict[str, Callable[[SwarmView, Request], Route]] = {
+    "petals": petals.route, "shortest": cgbprr.route, "wsrr": _route_wsrr,
+}
+POLICIES = ("petals", "cgbprr", "wsrr", "milp", "rr-ilp")
+
+
+@dataclass
+class PlanResult:
+    policy: str
+    scenario: Scenario
+    placement: Placement
+    routes: dict[int, Route]  # client index -> route
+    R: int
+    bound_per_token_s: float | None = None
+    solver: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def predictions(self) -> dict[int, tuple[float, float]]:
+        """client -> (per-token time, TTFT) of its route for the workload's lengths, no contention."""
+        out = {}
+        for client, route in self.routes.items():
+            time = route_time(self.scenario, route, default_request(self.scenario, client))
+            out[client] = (time.per_token_s, time.ttft_s)
+        return out
+
+    def to_json(self) -> dict:
+        predictions = self.predictions()
+        clients = self.scenario.clients
+        return {
+            "policy": self.policy,
+            "scenario": self.scenario.name,
+            "servers": [s.name for s in self.scenario.servers],
+            "placement": self.placement.to_json(),
+            "routes": {clients[c].name: route.to_json() for c, route in self.routes.items()},
+            "predicted_per_token_s": sum(p[0] for p in predictions.values()) / len(predictions),
+            "predicted_ttft_s": sum(p[1] for p in predictions.values()) / len(predictions),
+            "per_client": {clients[c].name: {"per_token_s": p[0], "ttft_s": p[1]} for c, p in predictions.items()},
+            "bound_per_token_s": self.bound_per_token_s,
+            "R": self.R,
+            "solver": self.solver,
+            "notes": self.notes,
+        }
+
+
+def petals_concurrency(placement: Placement) -> int:
+    """How many sessions PETALS' fixed caches hold on the most crowded block."""
+    per_block = [0] * placement.num_blocks
+    for span in placement.spans:
+        for block in range(span.start, span.end):
+            per_block[block] += span.slots // span.length
+    return min(per_block)
+
+
+def plan(scenario: Scenario, policy: str, R: int | None = None, milp_requests: int = 10,
+         time_limit_s: float = 60.0) -> PlanResult:
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    clients = range(len(scenario.clients))
+    if policy == "petals":
+        placement = petals.place(scenario)
+        view = SwarmView(scenario, placement)
+        routes = {c: petals.route(view, default_request(scenario, c)) for c in clients}
+        return PlanResult(policy, scenario, placement, routes, petals_concurrency(placement),
+                          notes=["PETALS sizes its cache without regard to R; R is what its caches hold"])
+    R = R or wsrr.choose_R(scenario)
+    if policy in ("cgbprr", "wsrr"):
+        result = cgbprr.place(scenario, R)
+        view = SwarmView(scenario, result.placement)
+        router = cgbprr.route if policy == "cgbprr" else _route_wsrr
+        routes = {c: router(view, default_request(scenario, c)) for c in clients}
+        return PlanResult(policy, scenario, result.placement, routes, R, result.bound_per_token_s)
+    if policy == "rr-ilp":
+        result = cgbprr.place(scenario, R)
+        counts = {c: R // len(scenario.clients) + (c < R % len(scenario.clients)) for c in clients}
+        counts = {c: n for c, n in counts.items() if n}
+        routing = rr_ilp.solve(scenario, result.placement, counts, time_limit_s)
+        routes = {c: paths[0][0] for c, paths in routing.routes.items()}
+        solver = _solver_json(routing.solution, requests=R)
+        return PlanResult(policy, scenario, result.placement, routes, R, result.bound_per_token_s, solver,
+                          [f"routes {R} concurrent requests on the CG-BP placement; the route shown per client "
+                           "is its most used one"])
+    requests = [default_request(scenario, i % len(scenario.clients)) for i in range(min(R, milp_requests))]
+    result = milp.solve(scenario, requests, time_limit_s)
+    routes = {}
+    for request, route in zip(requests, result.routes):
+        routes.setdefault(request.client, route)
+    note = (f"the MILP is solved for {len(requests)} concurrent requests (R={R} asked; "
+            f"--milp-requests {milp_requests} caps it so that it solves in time)")
+    return PlanResult(policy, scenario, result.placement, routes, len(requests),
+                      solver=_solver_json(result.solution, requests=len(requests)), notes=[note])
+
+
+def _solver_json(solution, requests: int) -> dict:
+    return {"status": solution.status, "optimal": solution.optimal, "objective": solution.objective,
+            "bound": solution.bound, "gap": solution.gap, "seconds": solution.seconds, "requests": requests}
