@@ -1,0 +1,170 @@
+"""The planner: the MILP against brute force, heuristics against the MILP, and properties of every policy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from blockswarm.core.errors import Infeasible
+from blockswarm.core.specs import Request
+from blockswarm.perf.model import default_request, route_per_token_s, slots
+from blockswarm.planner import cgbprr, milp, petals, wsrr
+from blockswarm.planner.view import SwarmView
+
+from planner_instances import BLOCK_BYTES, all_routes, brute_force_optimum, scenarios, tiny_scenario
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def placements_count(scenario) -> int:
+    L, total = scenario.model.num_blocks, 1
+    for spec in scenario.servers:
+        cap = min(L, int(spec.memory_bytes // BLOCK_BYTES))
+        total *= sum(L - m + 1 for m in range(1, cap + 1))
+    return total
+
+
+def requests_for(scenario, count):
+    return [Request(client=i % len(scenario.clients), prompt_tokens=4, output_tokens=6) for i in range(count)]
+
+
+def heuristic_total(scenario, placement, router, requests) -> float | None:
+    """Σ per-token time of routing every request on `placement`, None if that breaks the memory rule."""
+    view = SwarmView(scenario, placement)
+    routes = [router(view, r) for r in requests]
+    used = {}
+    for route in routes:
+        for hop in route.hops:
+            used[hop.server] = used.get(hop.server, 0) + hop.blocks
+    for span in placement.spans:
+        memory = scenario.model.block_bytes * span.length + scenario.session_cache_bytes * used.get(span.server, 0)
+        if memory > scenario.servers[span.server].memory_bytes + 1e-6:
+            return None
+    return sum(route_per_token_s(scenario, r, q.client) for r, q in zip(routes, requests))
+
+
+@SETTINGS
+@given(scenario=scenarios(), count=st.integers(1, 3))
+def test_milp_agrees_with_brute_force_and_heuristics_are_not_better(scenario, count):
+    assume(placements_count(scenario) <= 1500)
+    requests = requests_for(scenario, count)
+    best = brute_force_optimum(scenario, requests)
+    if best is None:
+        with pytest.raises(Infeasible):
+            milp.solve(scenario, requests, time_limit_s=30)
+        return
+    result = milp.solve(scenario, requests, time_limit_s=30)
+    assert result.solution.optimal
+    assert math.isclose(result.objective, best, rel_tol=1e-6)
+    assert all(r.covers(scenario.model.num_blocks) for r in result.routes)
+    heuristics = []
+    try:
+        heuristics.append(heuristic_total(scenario, cgbprr.place(scenario, count).placement, cgbprr.route, requests))
+    except Infeasible:
+        pass
+    try:
+        heuristics.append(heuristic_total(scenario, petals.place(scenario), petals.route, requests))
+    except Infeasible:
+        pass
+    for value in heuristics:
+        if value is not None:
+            assert value >= best - 1e-9
+
+
+@SETTINGS
+@given(scenario=scenarios(max_servers=12, max_blocks=20), R=st.integers(1, 6))
+def test_cgbprr_routes_cover_memory_holds_and_bound_holds(scenario, R):
+    try:
+        result = cgbprr.place(scenario, R)
+    except Infeasible:
+        assume(False)
+    view = SwarmView(scenario, result.placement)
+    for span in result.placement.spans:
+        memory = scenario.model.block_bytes * span.length + scenario.session_cache_bytes * span.slots
+        assert memory <= scenario.servers[span.server].memory_bytes
+        assert span.slots // span.length >= R  # every hop has cache for R sessions
+    costs = []
+    for client in range(len(scenario.clients)):
+        route = cgbprr.route(view, default_request(scenario, client))
+        assert route.covers(scenario.model.num_blocks)
+        costs.append(route_per_token_s(scenario, route, client))
+    assert sum(costs) / len(costs) <= result.bound_per_token_s + 1e-9
+
+
+@SETTINGS
+@given(scenario=scenarios(max_servers=12, max_blocks=20))
+def test_petals_routes_cover_and_memory_holds(scenario):
+    try:
+        placement = petals.place(scenario)
+    except Infeasible:
+        assume(False)
+    view = SwarmView(scenario, placement)
+    for span in placement.spans:
+        assert span.length == petals.block_count(scenario, span.server)
+    for client in range(len(scenario.clients)):
+        assert petals.route(view, default_request(scenario, client)).covers(scenario.model.num_blocks)
+
+
+@SETTINGS
+@given(scenario=scenarios(max_servers=10, max_blocks=12), R=st.integers(1, 4),
+       gaps=st.lists(st.floats(0.0, 3.0), min_size=5, max_size=30))
+def test_wsrr_never_reserves_more_slots_than_a_server_has(scenario, R, gaps):
+    try:
+        placement = cgbprr.place(scenario, R).placement
+    except Infeasible:
+        assume(False)
+    active: dict[int, list[tuple[float, float, int]]] = {}  # server -> (start, end, slots)
+    now = 0.0
+    for index, gap in enumerate(gaps):
+        now += gap
+        request = Request(client=index % len(scenario.clients), prompt_tokens=4, output_tokens=6, arrival_s=now)
+        view = SwarmView(scenario, placement, now,
+                         {j: tuple((end, held) for _, end, held in sessions if end > now)
+                          for j, sessions in active.items()})
+        decision = wsrr.route(view, request)
+        assert decision.route.covers(scenario.model.num_blocks)
+        start = now + decision.wait_s
+        from blockswarm.perf.model import route_time
+        end = start + route_time(scenario, decision.route, request).completion_s
+        for hop in decision.route.hops:
+            active.setdefault(hop.server, []).append((start, end, hop.blocks))
+    for server, sessions in active.items():
+        capacity = placement.span_of(server).slots
+        for start, _, _ in sessions:  # occupancy at every moment a session begins
+            held = sum(n for s, e, n in sessions if s <= start < e)
+            assert held <= capacity
+
+
+def test_infeasible_swarms_get_clear_errors():
+    scenario = tiny_scenario(8, [1.5e9, 1.5e9], [0.01, 0.01], ["a", "a"])  # 2 blocks' memory for 8 blocks
+    with pytest.raises(Infeasible, match="cannot hold R=1"):
+        cgbprr.place(scenario, 1)
+    with pytest.raises(Infeasible, match="uncovered"):
+        petals.place(scenario)
+    with pytest.raises(Infeasible, match="no feasible plan"):
+        milp.solve(scenario, [default_request(scenario)], time_limit_s=10)
+    with pytest.raises(Infeasible, match="add servers or memory"):
+        wsrr.choose_R(scenario)
+
+
+def test_milp_on_clustered_9_matches_the_hand_computed_optimum():
+    """Two A100s in one chain: 2·(100 ms RTT + 100 ms overhead) + 70 blocks · 3.2197 ms."""
+    from blockswarm.perf.scenario import load_scenario
+
+    scenario = load_scenario("scenarios/clustered-9.yaml")
+    result = milp.solve(scenario, [default_request(scenario)] * 2, time_limit_s=60)
+    assert result.solution.optimal
+    assert math.isclose(result.mean_per_token_s, 2 * 0.2 + 70 * 3.2197e-3, rel_tol=1e-9)
+
+
+def test_route_enumeration_sees_every_chain():
+    scenario = tiny_scenario(4, [6.5e9] * 3, [0.01] * 3, ["a"] * 3)
+    from blockswarm.core.specs import Placement, Span
+
+    placement = Placement((Span(0, 0, 2, 4), Span(1, 1, 4, 4), Span(2, 2, 4, 4)), 4)
+    chains = {tuple((h.server, h.start, h.end) for h in r.hops) for r in all_routes(placement)}
+    assert chains == {((0, 0, 2), (1, 2, 4)), ((0, 0, 2), (2, 2, 4))}
+    assert slots(scenario, 0, 2) == 45
