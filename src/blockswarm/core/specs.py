@@ -7,6 +7,7 @@ Units are SI throughout: seconds, bytes, tokens. Symbols in comments follow
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +124,17 @@ class Span:
         return self.end - self.start
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Placement:
     spans: tuple[Span, ...]  # only servers that hold blocks
     num_blocks: int
 
+    @cached_property
+    def _by_server(self) -> dict[int, Span]:
+        return {span.server: span for span in self.spans}
+
     def span_of(self, server: int) -> Span | None:
-        for span in self.spans:
-            if span.server == server:
-                return span
-        return None
+        return self._by_server.get(server)
 
     def to_json(self) -> list[dict]:
         return [{"server": s.server, "start": s.start, "end": s.end} for s in self.spans]

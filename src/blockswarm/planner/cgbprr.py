@@ -106,4 +106,5 @@ def place(scenario: Scenario, R: int) -> CgbpResult:
 def route(view: SwarmView, request: Request) -> Route:
     """Shortest path on the feasibility DAG with per-token costs t_cj + τ_j·k (load ignored)."""
     scenario = view.scenario
-    return shortest_route(view.placement, lambda j, a, b: hop_decode_s(scenario, request.client, j, b - a))[1]
+    return shortest_route(view.placement, lambda j, a, b: hop_decode_s(scenario, request.client, j, b - a),
+                          view.index)[1]

@@ -74,4 +74,4 @@ def route(view: SwarmView, request: Request) -> Route:
         penalty = CACHE_PENALTY_S if blocks > view.free_slots(server) else 0.0
         return rtt / 2 + HOP_OVERHEAD_S + blocks * spec.decode_s + penalty
 
-    return shortest_route(view.placement, cost)[1]
+    return shortest_route(view.placement, cost, view.index)[1]

@@ -17,12 +17,18 @@ from blockswarm.core.specs import Hop, Placement, Route
 HopCost = Callable[[int, int, int], float | None]  # (server, start, end) -> cost, None to forbid
 
 
-def shortest_route(placement: Placement, hop_cost: HopCost) -> tuple[float, Route]:
-    L = placement.num_blocks
-    by_block: list[list] = [[] for _ in range(L)]
+def block_index(placement: Placement) -> tuple[tuple, ...]:
+    """For each block, the spans that hold it (build once per placement when routing many requests)."""
+    by_block: list[list] = [[] for _ in range(placement.num_blocks)]
     for span in placement.spans:
         for block in range(span.start, span.end):
             by_block[block].append(span)
+    return tuple(tuple(spans) for spans in by_block)
+
+
+def shortest_route(placement: Placement, hop_cost: HopCost, index: tuple | None = None) -> tuple[float, Route]:
+    L = placement.num_blocks
+    by_block = index if index is not None else block_index(placement)
     best = {0: 0.0}
     previous: dict[int, tuple[int, Hop]] = {}
     queue = [(0.0, 0)]

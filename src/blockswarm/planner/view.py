@@ -16,10 +16,14 @@ class SwarmView:
     now: float = 0.0
     # server -> ((expected end time, slots held), ...) for the sessions active or reserved there
     active: Mapping[int, tuple[tuple[float, int], ...]] = field(default_factory=dict)
+    index: tuple | None = None  # routing.block_index(placement), when the caller keeps one
+    used: Mapping[int, int] | None = None  # slots held per server, when the caller keeps the sums
 
     def free_slots(self, server: int) -> int:
         span = self.placement.span_of(server)
         capacity = span.slots if span else 0
+        if self.used is not None:
+            return capacity - self.used.get(server, 0)
         return capacity - sum(held for _, held in self.active.get(server, ()))
 
     def wait_for_slots(self, server: int, needed: int) -> float | None:

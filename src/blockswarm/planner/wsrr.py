@@ -36,7 +36,7 @@ def route(view: SwarmView, request: Request) -> RoutingDecision:
         return wait + hop_service_s(scenario, request, server, end - start)
 
     try:
-        chosen = shortest_route(view.placement, cost)[1]
+        chosen = shortest_route(view.placement, cost, view.index)[1]
     except Infeasible:
         raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
     return RoutingDecision(chosen, max(waits[(h.server, h.blocks)] for h in chosen.hops))

@@ -1,0 +1,110 @@
+"""Run one simulation: a scenario, a policy `PLACEMENT+ROUTING`, a request stream, a seed.
+
+Shorthands: `petals` = PETALS placement and routing; `cgbprr` = CG-BP placement sized with
+R = round(λT̄ + √(λT̄)) and WS-RR online routing (the published method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from blockswarm.core.errors import ConfigError
+from blockswarm.core.specs import Request, Scenario, Span
+from blockswarm.planner import cgbprr, petals, wsrr
+from blockswarm.planner.registry import PLACEMENTS, ROUTERS
+from blockswarm.sim.engine import Engine
+from blockswarm.sim.events import Arrival, ServerFailure, ServerJoin
+from blockswarm.sim.metrics import RequestRecord, summarize
+from blockswarm.sim.workload import Lengths, generate
+from blockswarm.sim.world import World
+
+SHORTHANDS = {"petals": "petals+petals", "cgbprr": "cgbp+wsrr"}
+
+
+def parse_policy(name: str) -> tuple[str, str]:
+    full = SHORTHANDS.get(name, name)
+    placement, sep, routing = full.partition("+")
+    if not sep or placement not in PLACEMENTS or routing not in ROUTERS:
+        raise ConfigError(f"policy {name!r} must be PLACEMENT+ROUTING with PLACEMENT in {sorted(PLACEMENTS)} and "
+                          f"ROUTING in {sorted(ROUTERS)}, or a shorthand: {', '.join(SHORTHANDS)}")
+    return placement, routing
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """Server `server` fails at `at_s` and, if `back_s` is given, rejoins with its old span then."""
+
+    server: int
+    at_s: float
+    back_s: float | None = None
+
+
+@dataclass
+class SimResult:
+    policy: str
+    seed: int
+    summary: dict
+    records: list[RequestRecord]
+    occupancy: list[tuple[float, int]]
+    capacity_slots: int
+    events: int
+    wall_s: float
+    R: int | None
+
+
+def with_workload(scenario: Scenario, rate: float | None = None, output_tokens: int | None = None,
+                  prompt_tokens: int | None = None, requests: int | None = None) -> Scenario:
+    """The scenario with workload overrides; the cache is sized for the new maximal lengths."""
+    w = scenario.workload
+    changes = {}
+    if rate is not None:
+        changes["rate"] = rate
+    if output_tokens is not None:
+        changes.update(output_tokens=output_tokens, max_output_tokens=output_tokens)
+    if prompt_tokens is not None:
+        changes.update(prompt_tokens=prompt_tokens, max_prompt_tokens=prompt_tokens)
+    if requests is not None:
+        changes["num_requests"] = requests
+    return dataclasses.replace(scenario, workload=dataclasses.replace(w, **changes)) if changes else scenario
+
+
+def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Request] | None = None,
+             step_by_step: bool = False, outages: tuple[Outage, ...] = (), R: int | None = None,
+             burstiness: float = 1.0) -> SimResult:
+    placement_name, routing = parse_policy(policy)
+    if placement_name == "cgbp":
+        R = R or wsrr.choose_R(scenario)
+        placement = cgbprr.place(scenario, R).placement
+    else:
+        placement = petals.place(scenario, seed)
+    if requests is None:
+        w = scenario.workload
+        requests = generate(scenario, seed, burstiness=burstiness,
+                            prompt=Lengths(w.prompt_tokens, w.prompt_tokens),
+                            output=Lengths(w.output_tokens, w.output_tokens))
+    too_long = [r for r in requests if r.prompt_tokens + r.output_tokens > scenario.workload.max_tokens]
+    if too_long:
+        raise ConfigError(f"{len(too_long)} requests are longer than the workload's max_prompt_tokens + "
+                          f"max_output_tokens ({scenario.workload.max_tokens}) that caches are sized for")
+    world = World(scenario, placement, routing, step_by_step=step_by_step)
+    engine = Engine()
+    for request in requests:
+        engine.schedule(Arrival(request.arrival_s, request))
+    for outage in outages:
+        engine.schedule(ServerFailure(outage.at_s, outage.server))
+        span = placement.span_of(outage.server)
+        if outage.back_s is not None and span is not None:
+            engine.schedule(ServerJoin(outage.back_s, Span(span.server, span.start, span.end, span.slots)))
+    begin = time.perf_counter()
+    engine.run(world)
+    wall = time.perf_counter() - begin
+    records = sorted(world.records.values(), key=lambda r: r.request_id)
+    first = min((r.arrival for r in records), default=0.0)
+    last = max((r.completion for r in records if r.completion is not None), default=first)
+    makespan = last - first
+    capacity = sum(s.slots for s in placement.spans)
+    used = sum(world.slot_seconds.values())
+    summary = summarize(records, makespan, used / (capacity * makespan) if capacity and makespan > 0 else 0.0)
+    return SimResult(policy, seed, summary, records, world.occupancy, capacity, engine.processed, wall, R)

@@ -1,0 +1,90 @@
+"""Request streams: Poisson or bursty (Gamma) arrivals with fixed or distributed lengths, several
+clients with their own rates, and replay of a CSV trace `arrival_s,prompt_tokens,output_tokens[,client]`."""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockswarm.core.errors import ConfigError
+from blockswarm.core.specs import Request, Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class Lengths:
+    """Token counts: fixed (low == high) or uniform on [low, high]."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str | int) -> "Lengths":
+        try:
+            parts = [int(p) for p in str(text).split("-")]
+        except ValueError:
+            raise ConfigError(f"lengths must be N or LOW-HIGH, got {text!r}") from None
+        low, high = (parts[0], parts[0]) if len(parts) == 1 else parts[:2]
+        if not 1 <= low <= high:
+            raise ConfigError(f"lengths must satisfy 1 <= LOW <= HIGH, got {text!r}")
+        return cls(low, high)
+
+    def sample(self, rng: random.Random) -> int:
+        return self.low if self.low == self.high else rng.randint(self.low, self.high)
+
+
+def arrivals(rng: random.Random, rate: float, count: int, burstiness: float = 1.0) -> list[float]:
+    """Arrival times with mean gap 1/rate: exponential gaps (Poisson) when burstiness is 1, else
+    Gamma gaps with shape 1/burstiness² (coefficient of variation = burstiness)."""
+    if rate <= 0:
+        raise ConfigError(f"arrival rate must be positive, got {rate}")
+    shape = 1.0 / (burstiness ** 2)
+    now, times = 0.0, []
+    for _ in range(count):
+        now += rng.expovariate(rate) if burstiness == 1.0 else rng.gammavariate(shape, 1.0 / (rate * shape))
+        times.append(now)
+    return times
+
+
+def generate(scenario: Scenario, seed: int, rate: float | None = None, count: int | None = None,
+             prompt: Lengths | None = None, output: Lengths | None = None, burstiness: float = 1.0) -> list[Request]:
+    """The scenario's workload (overrides allowed); clients with their own `rate` get their own stream."""
+    w = scenario.workload
+    rng = random.Random(seed)
+    rate = w.rate if rate is None else rate
+    count = w.num_requests if count is None else count
+    prompt = prompt or Lengths(w.prompt_tokens, w.prompt_tokens)
+    output = output or Lengths(w.output_tokens, w.output_tokens)
+    own = [c for c, spec in enumerate(scenario.clients) if spec.rate]
+    if own:
+        total = sum(scenario.clients[c].rate for c in own)
+        streams = [(t, c) for c in own
+                   for t in arrivals(rng, scenario.clients[c].rate, round(count * scenario.clients[c].rate / total),
+                                     burstiness)]
+    else:
+        streams = [(t, rng.randrange(len(scenario.clients))) for t in arrivals(rng, rate, count, burstiness)]
+    streams.sort()
+    return [Request(client, prompt.sample(rng), output.sample(rng), arrival, index)
+            for index, (arrival, client) in enumerate(streams)]
+
+
+def load_trace(path: str | Path, clients: int) -> list[Request]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"trace {path} does not exist")
+    requests = []
+    with path.open(newline="") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            if not row or row[0].strip().startswith("#") or (line == 1 and row[0].strip() == "arrival_s"):
+                continue
+            try:
+                arrival, prompt, output = float(row[0]), int(row[1]), int(row[2])
+                client = int(row[3]) if len(row) > 3 and row[3].strip() else 0
+            except (ValueError, IndexError):
+                raise ConfigError(f"{path}:{line}: expected arrival_s,prompt_tokens,output_tokens[,client]") from None
+            if arrival < 0 or prompt < 1 or output < 1 or not 0 <= client < clients:
+                raise ConfigError(f"{path}:{line}: arrival >= 0, token counts >= 1, client in 0..{clients - 1}")
+            requests.append((arrival, client, prompt, output))
+    requests.sort()
+    return [Request(c, p, o, a, i) for i, (a, c, p, o) in enumerate(requests)]

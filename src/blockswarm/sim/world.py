@@ -1,0 +1,216 @@
+"""Simulated swarm state: placement, cache slots per server, sessions, waiting requests, records.
+
+The world decides nothing itself: routes come from the planner's policies through a SwarmView
+built from this state. Waiting follows the router: WS-RR reserves slots at once and starts when
+they free up; PETALS backs off 1, 2, 4 … 60 s and retries when a server on its route is full;
+other routers wait in a FIFO queue that is retried whenever cache frees up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from blockswarm.core.errors import Infeasible
+from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
+from blockswarm.perf.model import route_time
+from blockswarm.planner import wsrr
+from blockswarm.planner.registry import ROUTERS
+from blockswarm.planner.routing import block_index
+from blockswarm.planner.view import SwarmView
+from blockswarm.sim.events import Completion, DecodeStep, FirstToken, Retry, Start
+from blockswarm.sim.metrics import RequestRecord
+
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass(slots=True)
+class Session:
+    request: Request
+    route: Route
+    generation: int
+    reserved_at: float
+    start: float
+    ttft_s: float
+    per_token_s: float
+    end: float
+
+
+class _ActiveView(Mapping):
+    """server -> ((end, slots), ...) computed on demand, so a view costs nothing to build."""
+
+    def __init__(self, active: dict[int, dict[int, tuple[float, int]]]):
+        self._active = active
+
+    def __getitem__(self, server):
+        return tuple(self._active[server].values())
+
+    def get(self, server, default=()):
+        entries = self._active.get(server)
+        return tuple(entries.values()) if entries else default
+
+    def __iter__(self):
+        return iter(self._active)
+
+    def __len__(self):
+        return len(self._active)
+
+
+@dataclass
+class World:
+    scenario: Scenario
+    placement: Placement
+    router: str
+    step_by_step: bool = False
+    used: dict[int, int] = field(default_factory=dict)  # slots held per server
+    active: dict[int, dict[int, tuple[float, int]]] = field(default_factory=dict)  # server -> rid -> (end, slots)
+    sessions: dict[int, Session] = field(default_factory=dict)
+    records: dict[int, RequestRecord] = field(default_factory=dict)
+    waiting: deque = field(default_factory=deque)  # requests waiting for cache (FIFO routers, no route)
+    slot_seconds: dict[int, float] = field(default_factory=dict)
+    occupancy: list[tuple[float, int]] = field(default_factory=list)  # (time, slots held in the swarm)
+    generation: int = 0
+
+    def __post_init__(self):
+        if self.router not in ROUTERS:
+            raise Infeasible(f"unknown routing {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        self._route = ROUTERS[self.router]
+        self._index = block_index(self.placement)
+        self._active_view = _ActiveView(self.active)
+        self._held_total = 0
+
+    # -- views and bookkeeping ----------------------------------------------------------------
+    def view(self, now: float) -> SwarmView:
+        return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used)
+
+    def _fits(self, route: Route) -> bool:
+        for hop in route.hops:
+            span = self.placement.span_of(hop.server)
+            if span is None or self.used.get(hop.server, 0) + hop.blocks > span.slots:
+                return False
+        return True
+
+    def _change_held(self, server: int, delta: int, now: float) -> None:
+        self.used[server] = self.used.get(server, 0) + delta
+        self._held_total += delta
+        self.occupancy.append((now, self._held_total))
+
+    def _reserve(self, request: Request, route: Route, now: float, start: float) -> list:
+        timing = route_time(self.scenario, route, request)
+        self.generation += 1
+        session = Session(request, route, self.generation, now, start, timing.ttft_s, timing.per_token_s,
+                          start + timing.completion_s)
+        self.sessions[request.request_id] = session
+        for hop in route.hops:
+            self.active.setdefault(hop.server, {})[request.request_id] = (session.end, hop.blocks)
+            self._change_held(hop.server, hop.blocks, now)
+        return [Start(start, request.request_id, session.generation)]
+
+    def _release(self, session: Session, now: float) -> None:
+        for hop in session.route.hops:
+            entries = self.active.get(hop.server)
+            if entries is not None:
+                entries.pop(session.request.request_id, None)
+            self._change_held(hop.server, -hop.blocks, now)
+            self.slot_seconds[hop.server] = self.slot_seconds.get(hop.server, 0.0) + hop.blocks * (
+                now - session.reserved_at)
+        del self.sessions[session.request.request_id]
+
+    def _current(self, request_id: int, generation: int) -> Session | None:
+        session = self.sessions.get(request_id)
+        return session if session is not None and session.generation == generation else None
+
+    # -- event handlers --------------------------------------------------------------------------
+    def arrive(self, request: Request, now: float, attempt: int) -> list:
+        record = self.records.get(request.request_id)
+        if record is None:
+            self.records[request.request_id] = RequestRecord(request.request_id, request.client, request.arrival_s,
+                                                             request.prompt_tokens, request.output_tokens)
+        view = self.view(now)
+        try:
+            if self.router == "wsrr":
+                decision = wsrr.route(view, request)
+                return self._reserve(request, decision.route, now, now + decision.wait_s)
+            route = self._route(view, request)
+        except Infeasible:  # no route at all right now (a server is down): wait for a join
+            self.waiting.append(request)
+            return []
+        if self._fits(route):
+            return self._reserve(request, route, now, now)
+        if self.router == "petals":
+            return [Retry(now + min(2.0 ** attempt, MAX_BACKOFF_S), request, attempt + 1)]
+        self.waiting.append(request)
+        return []
+
+    def start(self, request_id: int, generation: int, now: float) -> list:
+        session = self._current(request_id, generation)
+        if session is None:
+            return []
+        record = self.records[request_id]
+        record.start = now
+        record.hops = len(session.route.hops)
+        if self.step_by_step:
+            return [FirstToken(now + session.ttft_s, request_id, generation)]
+        record.first_token = now + session.ttft_s
+        return [Completion(session.end, request_id, generation)]
+
+    def first_token(self, request_id: int, generation: int, now: float) -> list:
+        session = self._current(request_id, generation)
+        if session is None:
+            return []
+        self.records[request_id].first_token = now
+        if session.request.output_tokens == 1:
+            return [Completion(now, request_id, generation)]
+        return [DecodeStep(now + session.per_token_s, request_id, generation, 2)]
+
+    def decode_step(self, request_id: int, generation: int, tokens: int, now: float) -> list:
+        session = self._current(request_id, generation)
+        if session is None:
+            return []
+        if tokens >= session.request.output_tokens:
+            return [Completion(now, request_id, generation)]
+        return [DecodeStep(now + session.per_token_s, request_id, generation, tokens + 1)]
+
+    def complete(self, request_id: int, generation: int, now: float) -> list:
+        session = self._current(request_id, generation)
+        if session is None:
+            return []
+        self.records[request_id].completion = now
+        self._release(session, now)
+        return self._admit_waiting(now)
+
+    def _admit_waiting(self, now: float) -> list:
+        follow_ups, still = [], deque()
+        while self.waiting:
+            request = self.waiting.popleft()
+            result = self.arrive(request, now, attempt=0)
+            if self.waiting and self.waiting[-1] is request:  # still no room: keep FIFO order, stop
+                self.waiting.pop()
+                still.append(request)
+                still.extend(self.waiting)
+                self.waiting.clear()
+                break
+            follow_ups += result
+        self.waiting = still
+        return follow_ups
+
+    def fail_server(self, server: int, now: float) -> list:
+        """The server vanishes; every session through it restarts from scratch now."""
+        self._set_placement(Placement(tuple(s for s in self.placement.spans if s.server != server),
+                                      self.placement.num_blocks))
+        follow_ups = []
+        for session in [s for s in self.sessions.values() if any(h.server == server for h in s.route.hops)]:
+            self._release(session, now)
+            self.records[session.request.request_id].restarts += 1
+            follow_ups += self.arrive(session.request, now, attempt=0)
+        return follow_ups
+
+    def join_server(self, span: Span, now: float) -> list:
+        spans = tuple(s for s in self.placement.spans if s.server != span.server) + (span,)
+        self._set_placement(Placement(tuple(sorted(spans, key=lambda s: s.server)), self.placement.num_blocks))
+        return self._admit_waiting(now)
+
+    def _set_placement(self, placement: Placement) -> None:
+        self.placement = placement
+        self._index = block_index(placement)
