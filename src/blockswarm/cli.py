@@ -154,5 +154,123 @@ def plan(
             json.dump(result.to_json(), handle, indent=2)
 
 
+def _load_for_sim(scenario: str, rate, output_tokens, requests, topology, topology_seed):
+    from blockswarm.perf.scenario import load_scenario
+    from blockswarm.sim.runner import with_workload
+
+    loaded = with_workload(load_scenario(scenario), rate=rate, output_tokens=output_tokens, requests=requests)
+    if topology:
+        from blockswarm.sim.topology import place_on_topology, rtt_from_gml
+
+        loaded = place_on_topology(loaded, rtt_from_gml(topology), topology_seed)
+    return loaded
+
+
+def _progress(total: int, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, console=__import__("rich.console").console.Console(stderr=True))
+
+
+@app.command()
+def simulate(
+    scenario: str = typer.Argument(..., help="Scenario YAML file."),
+    policies: str = typer.Option("petals,cgbprr", help="Comma-separated PLACEMENT+ROUTING pairs (placements: "
+                                 "petals, cgbp; routings: petals, shortest, wsrr) or shorthands petals, cgbprr."),
+    seeds: int = typer.Option(5, help="Independent runs per policy (seeds 0..N-1)."),
+    rate: Optional[float] = typer.Option(None, help="Override the workload's arrival rate (requests/s)."),
+    output_tokens: Optional[int] = typer.Option(None, help="Override the workload's output length."),
+    requests: Optional[int] = typer.Option(None, help="Override the number of requests per run."),
+    burstiness: float = typer.Option(1.0, help="Coefficient of variation of inter-arrival gaps (1 = Poisson)."),
+    topology: Optional[str] = typer.Option(None, help="GML topology: servers and clients go on its nodes."),
+    topology_seed: int = typer.Option(0, help="Seed for placing servers and clients on the topology."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write per-policy results as JSON here."),
+    plot: Optional[str] = typer.Option(None, help="Write a PNG comparing the policies here."),
+):
+    """Simulate the scenario's workload under each policy; print a table, optionally JSON and a plot."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.sim.experiments import compare
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    try:
+        loaded = _load_for_sim(scenario, rate, output_tokens, requests, topology, topology_seed)
+        with _progress(len(names) * seeds, "simulating") as progress:
+            task = progress.add_task("runs", total=len(names) * seeds)
+            table = compare(loaded, names, seeds, progress=lambda: progress.advance(task), burstiness=burstiness)
+    except BlockswarmError as exc:
+        _fail(str(exc))
+    w = loaded.workload
+    view = Table(title=f"{loaded.name}: {w.num_requests} requests × {seeds} seeds, {w.rate} req/s, "
+                       f"{w.prompt_tokens} → {w.output_tokens} tokens (mean ± 95 % CI)")
+    for column in ("policy", "R", "per-token s", "TTFT s", "p90 per-token s", "wait s", "utilisation"):
+        view.add_column(column)
+    for name, row in table.items():
+        view.add_row(name, str(row["R"] or "-"), f"{row['mean_per_token_s']:.3f} ± {row['mean_per_token_s_ci95']:.3f}",
+                     f"{row['mean_ttft_s']:.2f} ± {row['mean_ttft_s_ci95']:.2f}", f"{row['p90_per_token_s']:.3f}",
+                     f"{row['mean_wait_s']:.2f}", f"{row['utilisation']:.1%}")
+    Console().print(view)
+    if json_path:
+        out = {name: {k: v for k, v in row.items() if k != "per_token_samples"} for name, row in table.items()}
+        with open(json_path, "w") as handle:
+            json.dump({"scenario": loaded.name, "rate": w.rate, "output_tokens": w.output_tokens,
+                       "seeds": seeds, "policies": out, **out}, handle, indent=2)
+    if plot:
+        from blockswarm.sim.plots import plot_comparison
+
+        plot_comparison(table, f"{loaded.name}, {w.rate} req/s, {w.output_tokens} tokens", plot)
+
+
+@app.command()
+def sweep(
+    scenario: str = typer.Argument(..., help="Scenario YAML file."),
+    parameter: str = typer.Option(..., help="servers, rate, output or fast-share."),
+    values: str = typer.Option(..., help="Comma-separated values, e.g. 0.1,0.2,0.5."),
+    policies: str = typer.Option("petals,cgbprr", help="Comma-separated policies (see simulate)."),
+    seeds: int = typer.Option(3, help="Runs per point."),
+    requests: Optional[int] = typer.Option(None, help="Override the number of requests per run."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the curves as JSON here."),
+    plot: Optional[str] = typer.Option(None, help="Write a PNG of the curves here."),
+):
+    """Vary one parameter and plot the mean per-token time per policy."""
+    import json
+
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.sim.experiments import compare, vary
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    try:
+        points = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--values must be numbers separated by commas, got {values!r}")
+    curves: dict[str, list] = {name: [] for name in names}
+    try:
+        base = _load_for_sim(scenario, None, None, requests, None, 0)
+        with _progress(len(points) * len(names) * seeds, f"sweeping {parameter}") as progress:
+            task = progress.add_task("runs", total=len(points) * len(names) * seeds)
+            for value in points:
+                table = compare(vary(base, parameter, value), names, seeds, progress=lambda: progress.advance(task))
+                for name in names:
+                    curves[name].append((value, table[name]["mean_per_token_s"], table[name]["mean_per_token_s_ci95"]))
+    except BlockswarmError as exc:
+        _fail(str(exc))
+    for name, curve in curves.items():
+        typer.echo(f"{name:>16}: " + "  ".join(f"{parameter}={v:g}: {m:.3f}±{h:.3f}s" for v, m, h in curve))
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump({"parameter": parameter, "curves": {n: [{"value": v, "mean_per_token_s": m, "ci95": h}
+                                                              for v, m, h in c] for n, c in curves.items()}},
+                      handle, indent=2)
+    if plot:
+        from blockswarm.sim.plots import plot_sweep
+
+        plot_sweep(curves, parameter, f"{base.name}: sweep of {parameter}", plot)
+
+
 def main() -> None:
     app()

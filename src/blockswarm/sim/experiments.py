@@ -1,0 +1,59 @@
+"""Several policies × several seeds, and one-parameter sweeps, with confidence intervals."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from blockswarm.core.errors import ConfigError
+from blockswarm.core.specs import Scenario
+from blockswarm.sim.metrics import confidence_interval
+from blockswarm.sim.runner import SimResult, simulate, with_workload
+
+REPORTED = ("mean_per_token_s", "mean_ttft_s", "p90_per_token_s", "mean_wait_s", "mean_tpot_s", "throughput_rps",
+            "utilisation")
+SWEEPABLE = ("servers", "rate", "output", "fast-share")
+
+
+def compare(scenario: Scenario, policies: list[str], seeds: int, progress: Callable[[], None] | None = None,
+            **options) -> dict[str, dict]:
+    """policy -> {metric: mean, metric_ci95: half-width, n_requests, per_seed: [...]}, plus raw results."""
+    table = {}
+    for policy in policies:
+        runs: list[SimResult] = []
+        for seed in range(seeds):
+            runs.append(simulate(scenario, policy, seed=seed, **options))
+            if progress:
+                progress()
+        row: dict = {"n_requests": sum(r.summary["n_requests"] for r in runs), "seeds": seeds,
+                     "R": runs[0].R, "events": sum(r.events for r in runs)}
+        for metric in REPORTED:
+            mean, half = confidence_interval([r.summary[metric] for r in runs])
+            row[metric], row[f"{metric}_ci95"] = mean, half
+        row["per_token_samples"] = [rec.per_token_s for r in runs for rec in r.records if rec.completion is not None]
+        table[policy] = row
+    return table
+
+
+def vary(scenario: Scenario, parameter: str, value: float) -> Scenario:
+    if parameter == "rate":
+        return with_workload(scenario, rate=float(value))
+    if parameter == "output":
+        return with_workload(scenario, output_tokens=int(value))
+    if parameter == "servers":
+        count = int(value)
+        servers = tuple(dataclasses.replace(scenario.servers[i % len(scenario.servers)],
+                                            name=f"{scenario.servers[i % len(scenario.servers)].hardware}-{i}")
+                        for i in range(count))
+        return dataclasses.replace(scenario, servers=servers)
+    if parameter == "fast-share":
+        if not 0 <= value <= 1:
+            raise ConfigError(f"fast-share values are fractions in [0, 1], got {value}")
+        fast = min(scenario.servers, key=lambda s: s.decode_s)
+        slow = max(scenario.servers, key=lambda s: s.decode_s)
+        n = len(scenario.servers)
+        k = round(value * n)
+        servers = tuple(dataclasses.replace(fast if i < k else slow, name=f"{(fast if i < k else slow).hardware}-{i}")
+                        for i in range(n))
+        return dataclasses.replace(scenario, servers=servers)
+    raise ConfigError(f"cannot sweep {parameter!r}; choose one of {', '.join(SWEEPABLE)}")

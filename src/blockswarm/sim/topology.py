@@ -1,0 +1,75 @@
+"""Wide-area topologies: RTTs from coordinates, or from an ISP graph in GML (Internet Topology Zoo).
+
+From coordinates: RTT = 2 · stretch · great-circle distance / v_fibre + base, with
+v_fibre = 2.0e8 m/s (light in glass, ≈ c / 1.47), stretch = 1.5 (fibre paths are longer than the
+great circle; measured stretch between cities is typically 1.3-2) and base = 1 ms for switching
+and end hosts. From a GML graph: each link's one-way delay is its `delay` attribute in
+milliseconds when present, else its length from the endpoint coordinates at v_fibre (no
+stretch: the graph gives the path); RTT = 2 × shortest-path delay. Servers and clients are placed
+on the graph's nodes by seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+from blockswarm.core.errors import ConfigError
+from blockswarm.core.specs import Scenario
+
+FIBRE_M_PER_S = 2.0e8
+STRETCH = 1.5
+BASE_RTT_S = 0.001
+EARTH_RADIUS_M = 6_371_000.0
+LOCAL_RTT_S = 0.0005  # two hosts on the same node
+
+
+def great_circle_m(a: tuple[float, float], b: tuple[float, float]) -> float:
+    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
+    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
+def rtt_from_coordinates(sites: dict[str, tuple[float, float]], stretch: float = STRETCH,
+                         base_s: float = BASE_RTT_S) -> dict[tuple[str, str], float]:
+    """RTT between every pair of sites given as name -> (latitude, longitude) in degrees."""
+    return {(a, b): (LOCAL_RTT_S if a == b else 2 * stretch * great_circle_m(sites[a], sites[b]) / FIBRE_M_PER_S
+                     + base_s)
+            for a in sites for b in sites}
+
+
+def rtt_from_gml(path: str | Path) -> dict[tuple[str, str], float]:
+    """RTT = 2 × shortest-path delay between every pair of nodes of a GML graph (node labels as names)."""
+    import networkx as nx
+
+    try:
+        graph = nx.read_gml(path, label="label")
+    except (OSError, nx.NetworkXError) as exc:
+        raise ConfigError(f"cannot read GML topology {path}: {exc}") from None
+    graph = nx.Graph(graph)
+    for a, b, data in graph.edges(data=True):
+        if "delay" in data:
+            data["weight"] = float(data["delay"]) / 1e3
+        else:
+            try:
+                ends = [(graph.nodes[n]["Latitude"], graph.nodes[n]["Longitude"]) for n in (a, b)]
+            except KeyError:
+                raise ConfigError(f"{path}: link {a}-{b} has neither a delay nor endpoint coordinates") from None
+            data["weight"] = great_circle_m(*ends) / FIBRE_M_PER_S
+    if not nx.is_connected(graph):
+        raise ConfigError(f"{path}: the topology is not connected")
+    delays = dict(nx.all_pairs_dijkstra_path_length(graph, weight="weight"))
+    return {(str(a), str(b)): (LOCAL_RTT_S if a == b else 2 * delays[a][b]) for a in graph for b in graph}
+
+
+def place_on_topology(scenario: Scenario, rtt: dict[tuple[str, str], float], seed: int) -> Scenario:
+    """Put every server and client on a node chosen by seed, and use the topology's RTTs."""
+    nodes = sorted({a for a, _ in rtt})
+    rng = random.Random(seed)
+    servers = tuple(dataclasses.replace(s, location=rng.choice(nodes)) for s in scenario.servers)
+    clients = tuple(dataclasses.replace(c, location=rng.choice(nodes)) for c in scenario.clients)
+    network = dataclasses.replace(scenario.network, rtt_s=dict(rtt),
+                                  bandwidth_bps={(n, n): 1e9 for n in nodes})
+    return dataclasses.replace(scenario, servers=servers, clients=clients, network=network)
