@@ -26,17 +26,18 @@ class SwarmView:
             return capacity - self.used.get(server, 0)
         return capacity - sum(held for _, held in self.active.get(server, ()))
 
-    def wait_for_slots(self, server: int, needed: int) -> float | None:
-        """Seconds until `needed` slots are free at `server` (walking active sessions by end time);
-        None if they never will be (more than the server has)."""
+    def slots_free_at(self, server: int, needed: int) -> float | None:
+        """When `needed` slots will be free at `server` (now, or the end time of the session whose
+        completion frees enough, walking active sessions by end time); None if never (more than
+        the server has). An absolute time, so that a start equals the end it waited for exactly."""
         span = self.placement.span_of(server)
         if span is None or needed > span.slots:
             return None
         free = self.free_slots(server)
         if free >= needed:
-            return 0.0
+            return self.now
         for end, held in sorted(self.active.get(server, ())):
             free += held
             if free >= needed:
-                return max(0.0, end - self.now)
+                return max(self.now, end)
         return None

@@ -21,25 +21,27 @@ from blockswarm.planner.view import SwarmView
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
     route: Route
-    wait_s: float  # until every hop of the route has its slots
+    start_s: float  # when every hop of the route has its slots (absolute time)
+    wait_s: float  # start_s − now
 
 
 def route(view: SwarmView, request: Request) -> RoutingDecision:
     scenario = view.scenario
-    waits: dict[tuple[int, int], float] = {}
+    free_at: dict[tuple[int, int], float] = {}
 
     def cost(server: int, start: int, end: int) -> float | None:
-        wait = view.wait_for_slots(server, end - start)
-        if wait is None:
+        ready = view.slots_free_at(server, end - start)
+        if ready is None:
             return None
-        waits[(server, end - start)] = wait
-        return wait + hop_service_s(scenario, request, server, end - start)
+        free_at[(server, end - start)] = ready
+        return (ready - view.now) + hop_service_s(scenario, request, server, end - start)
 
     try:
         chosen = shortest_route(view.placement, cost, view.index)[1]
     except Infeasible:
         raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
-    return RoutingDecision(chosen, max(waits[(h.server, h.blocks)] for h in chosen.hops))
+    start = max(free_at[(h.server, h.blocks)] for h in chosen.hops)
+    return RoutingDecision(chosen, start, start - view.now)
 
 
 def choose_R(scenario: Scenario, rate: float | None = None) -> int:

@@ -131,7 +131,7 @@ class World:
         try:
             if self.router == "wsrr":
                 decision = wsrr.route(view, request)
-                return self._reserve(request, decision.route, now, now + decision.wait_s)
+                return self._reserve(request, decision.route, now, decision.start_s)
             route = self._route(view, request)
         except Infeasible:  # no route at all right now (a server is down): wait for a join
             self.waiting.append(request)
