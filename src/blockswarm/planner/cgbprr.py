@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
 from blockswarm.perf.model import decode_link_s, hop_decode_s
-from blockswarm.planner.routing import shortest_route
+from blockswarm.planner.routing import memo_route
 from blockswarm.planner.view import SwarmView
 
 
@@ -106,5 +106,5 @@ def place(scenario: Scenario, R: int) -> CgbpResult:
 def route(view: SwarmView, request: Request) -> Route:
     """Shortest path on the feasibility DAG with per-token costs t_cj + τ_j·k (load ignored)."""
     scenario = view.scenario
-    return shortest_route(view.placement, lambda j, a, b: hop_decode_s(scenario, request.client, j, b - a),
-                          view.index)[1]
+    return memo_route(view, ("shortest", request.client),
+                      lambda j, a, b: hop_decode_s(scenario, request.client, j, b - a))

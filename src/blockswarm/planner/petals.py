@@ -7,7 +7,7 @@ import random
 
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
-from blockswarm.planner.routing import shortest_route
+from blockswarm.planner.routing import has_room, memo_route, shortest_route
 from blockswarm.planner.view import SwarmView
 
 GIB = 2**30
@@ -67,11 +67,15 @@ def route(view: SwarmView, request: Request) -> Route:
     scenario = view.scenario
     client = scenario.clients[request.client]
 
-    def cost(server: int, start: int, end: int) -> float:
+    def cost(server: int, start: int, end: int, penalize: bool = True) -> float:
         spec = scenario.servers[server]
         rtt = scenario.network.rtt(client.location, spec.location) if scenario.network.rtt_s else UNKNOWN_RTT_S
         blocks = end - start
-        penalty = CACHE_PENALTY_S if blocks > view.free_slots(server) else 0.0
+        penalty = CACHE_PENALTY_S if penalize and blocks > view.free_slots(server) else 0.0
         return rtt / 2 + HOP_OVERHEAD_S + blocks * spec.decode_s + penalty
 
+    # The penalty only adds cost, so the unpenalized shortest route wins whenever it has room.
+    static = memo_route(view, ("petals", request.client), lambda j, a, b: cost(j, a, b, penalize=False))
+    if has_room(view, static):
+        return static
     return shortest_route(view.placement, cost, view.index)[1]

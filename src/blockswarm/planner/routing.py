@@ -17,6 +17,22 @@ from blockswarm.core.specs import Hop, Placement, Route
 HopCost = Callable[[int, int, int], float | None]  # (server, start, end) -> cost, None to forbid
 
 
+def memo_route(view, key: tuple, hop_cost: HopCost) -> Route:
+    """The shortest route under a load-independent cost, remembered in the view's memo (one per
+    placement, owned by the caller) so that a stream of requests pays for Dijkstra once per key."""
+    memo = view.memo
+    if memo is not None and key in memo:
+        return memo[key]
+    route = shortest_route(view.placement, hop_cost, view.index)[1]
+    if memo is not None:
+        memo[key] = route
+    return route
+
+
+def has_room(view, route: Route) -> bool:
+    return all(view.free_slots(hop.server) >= hop.blocks for hop in route.hops)
+
+
 def block_index(placement: Placement) -> tuple[tuple, ...]:
     """For each block, the spans that hold it (build once per placement when routing many requests)."""
     by_block: list[list] = [[] for _ in range(placement.num_blocks)]

@@ -18,6 +18,7 @@ class SwarmView:
     active: Mapping[int, tuple[tuple[float, int], ...]] = field(default_factory=dict)
     index: tuple | None = None  # routing.block_index(placement), when the caller keeps one
     used: Mapping[int, int] | None = None  # slots held per server, when the caller keeps the sums
+    memo: dict | None = None  # scratch space for routers, valid for this placement (caller clears it)
 
     def free_slots(self, server: int) -> int:
         span = self.placement.span_of(server)

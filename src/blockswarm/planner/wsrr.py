@@ -14,7 +14,7 @@ from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Request, Route, Scenario
 from blockswarm.perf.model import default_request, hop_service_s, route_time
 from blockswarm.planner import cgbprr
-from blockswarm.planner.routing import shortest_route
+from blockswarm.planner.routing import has_room, memo_route, shortest_route
 from blockswarm.planner.view import SwarmView
 
 
@@ -27,6 +27,12 @@ class RoutingDecision:
 
 def route(view: SwarmView, request: Request) -> RoutingDecision:
     scenario = view.scenario
+    # Exact shortcut: waiting only adds to a route's cost, so the shortest route without waiting
+    # is optimal whenever all its hops have room now (the common case when R is sized well).
+    static = memo_route(view, ("wsrr", request.client, request.prompt_tokens, request.output_tokens),
+                        lambda j, a, b: hop_service_s(scenario, request, j, b - a))
+    if has_room(view, static):
+        return RoutingDecision(static, view.now, 0.0)
     free_at: dict[tuple[int, int], float] = {}
 
     def cost(server: int, start: int, end: int) -> float | None:

@@ -77,12 +77,13 @@ class World:
             raise Infeasible(f"unknown routing {self.router!r}; choose one of {', '.join(ROUTERS)}")
         self._route = ROUTERS[self.router]
         self._index = block_index(self.placement)
+        self._memo: dict = {}
         self._active_view = _ActiveView(self.active)
         self._held_total = 0
 
     # -- views and bookkeeping ----------------------------------------------------------------
     def view(self, now: float) -> SwarmView:
-        return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used)
+        return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used, self._memo)
 
     def _fits(self, route: Route) -> bool:
         for hop in route.hops:
@@ -214,3 +215,4 @@ class World:
     def _set_placement(self, placement: Placement) -> None:
         self.placement = placement
         self._index = block_index(placement)
+        self._memo = {}

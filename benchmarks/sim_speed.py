@@ -1,0 +1,87 @@
+"""Simulator speed: simulated requests and events per second of wall time, 100 to 10,000 servers.
+
+Swarms are BLOOM-176B (L = 70) on A100 / MIG servers (30 % A100) spread over 10 sites, one
+client per site, CG-BP placement with WS-RR online routing (the published method), Poisson
+arrivals at a rate that keeps the swarm busy but stable. The headline target: 100,000 requests
+over 1,000 servers in ≤ 60 s on one core.
+
+    .venv/bin/python benchmarks/sim_speed.py --json sim_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from blockswarm.core.catalogue import MODELS
+from blockswarm.core.specs import ClientSpec, NetworkSpec, Scenario, ServerSpec, WorkloadSpec
+from blockswarm.sim.runner import simulate
+
+
+def swarm(servers: int, requests: int, seed: int = 0) -> Scenario:
+    rng = random.Random(seed)
+    model = dataclasses.replace(MODELS["bloom-176b"], weight_bytes_per_param=4.25 / 8, weight_overhead=1.01)
+    sites = [f"site{i}" for i in range(10)]
+    specs = []
+    for j in range(servers):
+        fast = rng.random() < 0.3
+        specs.append(ServerSpec(f"s{j}", rng.choice(sites), 79.13e9 if fast else 8.2e9,
+                                3.2197e-3 if fast else 16.2488e-3, 0.0743e-3 if fast else 0.1041e-3,
+                                32.99e-3 if fast else 206.35e-3, "a100-80gb" if fast else "mig-1g.10gb"))
+    rtt = {}
+    for a in sites:
+        for b in sites:
+            if (b, a) not in rtt:
+                rtt[(a, b)] = 0.005 if a == b else rng.uniform(0.02, 0.15)
+    # a chain takes ~100 s for 128 tokens; aim at roughly one request per 2 servers in flight
+    rate = servers / 2 / 100.0
+    workload = WorkloadSpec(rate=rate, num_requests=requests, prompt_tokens=20, output_tokens=128)
+    return Scenario(f"speed-{servers}", model, tuple(specs), tuple(ClientSpec(f"c{i}", s) for i, s in enumerate(sites)),
+                    NetworkSpec(rtt_s=rtt, bandwidth_bps={(s, s): 1e9 for s in sites}), workload)
+
+
+def measure(servers: int, requests: int, policy: str) -> dict:
+    scenario = swarm(servers, requests)
+    begin = time.perf_counter()
+    result = simulate(scenario, policy, seed=0)
+    total = time.perf_counter() - begin
+    return {"servers": servers, "requests": requests, "policy": policy, "R": result.R,
+            "seconds": total, "loop_seconds": result.wall_s,
+            "requests_per_second": requests / total, "events_per_second": result.events / result.wall_s,
+            "mean_per_token_s": result.summary["mean_per_token_s"], "mean_wait_s": result.summary["mean_wait_s"],
+            "unfinished": result.summary["n_unfinished"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--sizes", default="100,1000,10000", help="server counts for the scaling table")
+    parser.add_argument("--requests", type=int, default=10_000, help="requests per scaling run")
+    parser.add_argument("--headline-requests", type=int, default=100_000)
+    parser.add_argument("--policy", default="cgbprr")
+    args = parser.parse_args()
+    rows = []
+    for servers in [int(x) for x in args.sizes.split(",")]:
+        rows.append(measure(servers, args.requests, args.policy))
+        print(f"  {servers} servers done in {rows[-1]['seconds']:.1f} s", file=sys.stderr)
+    headline = measure(1000, args.headline_requests, args.policy)
+    print(f"\n{'servers':>8}{'requests':>10}{'seconds':>10}{'requests/s':>12}{'events/s':>12}{'per-token s':>13}")
+    for row in rows + [headline]:
+        print(f"{row['servers']:>8}{row['requests']:>10}{row['seconds']:>10.1f}{row['requests_per_second']:>12.0f}"
+              f"{row['events_per_second']:>12.0f}{row['mean_per_token_s']:>13.3f}")
+    print(f"\n{args.headline_requests} requests over 1,000 servers with {args.policy}: {headline['seconds']:.1f} s "
+          f"(target <= 60 s)")
+    result = {"seconds_100k_requests_1000_servers": headline["seconds"],
+              "requests_per_second": headline["requests_per_second"],
+              "events_per_second": headline["events_per_second"], "headline": headline, "by_servers": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
