@@ -21,58 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from blockswarm.core.catalogue import MODELS
 from blockswarm.core.errors import Infeasible
-from blockswarm.core.specs import ClientSpec, NetworkSpec, Request, Scenario, ServerSpec, WorkloadSpec
-from blockswarm.perf.model import default_request, route_per_token_s
+from blockswarm.core.specs import Request
+from blockswarm.perf.model import default_request
 from blockswarm.perf.scenario import load_scenario
 from blockswarm.planner import cgbprr, milp, petals
+from blockswarm.planner.evaluate import total_per_token_s
 from blockswarm.planner.view import SwarmView
+from swarms import mixed_swarm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def bloom():
-    import dataclasses
-
-    return dataclasses.replace(MODELS["bloom-176b"], weight_bytes_per_param=4.25 / 8, weight_overhead=1.01)
-
-
-def random_scenario(rng: random.Random, servers: int, L: int, sites: int = 3, clients: int = 1) -> Scenario:
-    """A100-like and MIG-like servers (the spec's profiles) spread over sites, a model cut to L blocks."""
-    import dataclasses
-
-    model = dataclasses.replace(bloom(), num_blocks=L)
-    names = [f"site{i}" for i in range(sites)]
-    specs = []
-    for j in range(servers):
-        fast = rng.random() < 0.3
-        specs.append(ServerSpec(f"s{j}", rng.choice(names),
-                                (79.13e9 if fast else 8.2e9) * L / 70 * rng.uniform(0.8, 1.2),
-                                3.2197e-3 if fast else 16.2488e-3, 0.0743e-3 if fast else 0.1041e-3,
-                                32.99e-3 if fast else 206.35e-3, "a100-80gb" if fast else "mig-1g.10gb"))
-    client_specs = tuple(ClientSpec(f"c{i}", rng.choice(names)) for i in range(clients))
-    rtt = {}
-    for a in names:
-        for b in names:
-            if (b, a) not in rtt:
-                rtt[(a, b)] = 0.005 if a == b else rng.uniform(0.02, 0.15)
-    network = NetworkSpec(rtt_s=rtt, bandwidth_bps={(a, a): 1e9 for a in names})
-    return Scenario(f"random-{servers}", model, tuple(specs), client_specs, network, WorkloadSpec())
-
-
-def total_per_token(scenario, placement, router, requests) -> float | None:
-    view = SwarmView(scenario, placement)
-    routes = [router(view, r) for r in requests]
-    used: dict[int, int] = {}
-    for route in routes:
-        for hop in route.hops:
-            used[hop.server] = used.get(hop.server, 0) + hop.blocks
-    for span in placement.spans:
-        need = scenario.model.block_bytes * span.length + scenario.session_cache_bytes * used.get(span.server, 0)
-        if need > scenario.servers[span.server].memory_bytes:
-            return None
-    return sum(route_per_token_s(scenario, r, q.client) for r, q in zip(routes, requests))
 
 
 def gap_study(instances: int, seed: int, time_limit_s: float) -> dict:
@@ -81,7 +39,8 @@ def gap_study(instances: int, seed: int, time_limit_s: float) -> dict:
     memory_broken = {"petals": 0, "cgbprr": 0}
     solve_times, unproven, done = [], 0, 0
     while done < instances:
-        scenario = random_scenario(rng, rng.randint(4, 12), rng.randint(8, 16), clients=rng.randint(1, 2))
+        scenario = mixed_swarm(rng, rng.randint(4, 12), rng.randint(8, 16), sites=3, clients=rng.randint(1, 2),
+                               memory_jitter=0.2)
         count = rng.randint(1, 4)
         requests = [Request(client=i % len(scenario.clients), prompt_tokens=20, output_tokens=128)
                     for i in range(count)]
@@ -98,7 +57,7 @@ def gap_study(instances: int, seed: int, time_limit_s: float) -> dict:
         for name, place, router in (("petals", lambda s: petals.place(s), petals.route),
                                     ("cgbprr", lambda s: cgbprr.place(s, count).placement, cgbprr.route)):
             try:
-                value = total_per_token(scenario, place(scenario), router, requests)
+                value = total_per_token_s(scenario, place(scenario), router, requests)
             except Infeasible:
                 value = None
             if value is None:
@@ -120,7 +79,7 @@ def speed_study(sizes: list[int], seed: int) -> dict:
     rng = random.Random(seed)
     seconds = {}
     for n in sizes:
-        scenario = random_scenario(rng, n, 70, sites=10, clients=3)
+        scenario = mixed_swarm(rng, n, 70, sites=10, clients=3)
         begin = time.perf_counter()
         result = cgbprr.place(scenario, R=max(1, n // 20))
         view = SwarmView(scenario, result.placement)

@@ -11,38 +11,21 @@ over 1,000 servers in ≤ 60 s on one core.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import sys
 import time
 from pathlib import Path
 
-from blockswarm.core.catalogue import MODELS
-from blockswarm.core.specs import ClientSpec, NetworkSpec, Scenario, ServerSpec, WorkloadSpec
+from blockswarm.core.specs import WorkloadSpec
 from blockswarm.sim.runner import simulate
+from swarms import mixed_swarm
 
 
-def swarm(servers: int, requests: int, seed: int = 0) -> Scenario:
-    rng = random.Random(seed)
-    model = dataclasses.replace(MODELS["bloom-176b"], weight_bytes_per_param=4.25 / 8, weight_overhead=1.01)
-    sites = [f"site{i}" for i in range(10)]
-    specs = []
-    for j in range(servers):
-        fast = rng.random() < 0.3
-        specs.append(ServerSpec(f"s{j}", rng.choice(sites), 79.13e9 if fast else 8.2e9,
-                                3.2197e-3 if fast else 16.2488e-3, 0.0743e-3 if fast else 0.1041e-3,
-                                32.99e-3 if fast else 206.35e-3, "a100-80gb" if fast else "mig-1g.10gb"))
-    rtt = {}
-    for a in sites:
-        for b in sites:
-            if (b, a) not in rtt:
-                rtt[(a, b)] = 0.005 if a == b else rng.uniform(0.02, 0.15)
+def swarm(servers: int, requests: int, seed: int = 0):
     # a chain takes ~100 s for 128 tokens; aim at roughly one request per 2 servers in flight
-    rate = servers / 2 / 100.0
-    workload = WorkloadSpec(rate=rate, num_requests=requests, prompt_tokens=20, output_tokens=128)
-    return Scenario(f"speed-{servers}", model, tuple(specs), tuple(ClientSpec(f"c{i}", s) for i, s in enumerate(sites)),
-                    NetworkSpec(rtt_s=rtt, bandwidth_bps={(s, s): 1e9 for s in sites}), workload)
+    workload = WorkloadSpec(rate=servers / 2 / 100.0, num_requests=requests, prompt_tokens=20, output_tokens=128)
+    return mixed_swarm(random.Random(seed), servers, 70, sites=10, clients=10, workload=workload)
 
 
 def measure(servers: int, requests: int, policy: str) -> dict:

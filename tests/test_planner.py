@@ -12,6 +12,7 @@ from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Request
 from blockswarm.perf.model import default_request, route_per_token_s, slots
 from blockswarm.planner import cgbprr, milp, petals, wsrr
+from blockswarm.planner.evaluate import total_per_token_s
 from blockswarm.planner.view import SwarmView
 
 from planner_instances import BLOCK_BYTES, all_routes, brute_force_optimum, scenarios, tiny_scenario
@@ -31,21 +32,6 @@ def requests_for(scenario, count):
     return [Request(client=i % len(scenario.clients), prompt_tokens=4, output_tokens=6) for i in range(count)]
 
 
-def heuristic_total(scenario, placement, router, requests) -> float | None:
-    """Σ per-token time of routing every request on `placement`, None if that breaks the memory rule."""
-    view = SwarmView(scenario, placement)
-    routes = [router(view, r) for r in requests]
-    used = {}
-    for route in routes:
-        for hop in route.hops:
-            used[hop.server] = used.get(hop.server, 0) + hop.blocks
-    for span in placement.spans:
-        memory = scenario.model.block_bytes * span.length + scenario.session_cache_bytes * used.get(span.server, 0)
-        if memory > scenario.servers[span.server].memory_bytes + 1e-6:
-            return None
-    return sum(route_per_token_s(scenario, r, q.client) for r, q in zip(routes, requests))
-
-
 @SETTINGS
 @given(scenario=scenarios(), count=st.integers(1, 3))
 def test_milp_agrees_with_brute_force_and_heuristics_are_not_better(scenario, count):
@@ -62,11 +48,11 @@ def test_milp_agrees_with_brute_force_and_heuristics_are_not_better(scenario, co
     assert all(r.covers(scenario.model.num_blocks) for r in result.routes)
     heuristics = []
     try:
-        heuristics.append(heuristic_total(scenario, cgbprr.place(scenario, count).placement, cgbprr.route, requests))
+        heuristics.append(total_per_token_s(scenario, cgbprr.place(scenario, count).placement, cgbprr.route, requests))
     except Infeasible:
         pass
     try:
-        heuristics.append(heuristic_total(scenario, petals.place(scenario), petals.route, requests))
+        heuristics.append(total_per_token_s(scenario, petals.place(scenario), petals.route, requests))
     except Infeasible:
         pass
     for value in heuristics:
