@@ -7,9 +7,10 @@ with the declared dtype and shape after checking that the sizes agree.
 
 Ops and their fields:
 - `info` → `ServerInfo` fields.
-- `open` {session, start, end, max_length} → {reserved}: reserve KV cache for a session that
-  will compute blocks [start, end) for at most max_length tokens.
-- `step` {session, step} + one tensor (1, n, hidden) → {step, compute_s} + one tensor.
+- `open` {session, start, end, max_length} → {reserved, data_port}: reserve KV cache for a
+  session that will compute blocks [start, end) for at most max_length tokens.
+- `step` {session, step} + one tensor (1, n, hidden) → {step, compute_s} + one tensor. Steps
+  go to the server's data port (its compute thread), everything else to the control port.
 - `close` {session} → {}.
 Replies carry `ok: true`, or `ok: false` with `code`, `message` and `retriable`.
 """
@@ -47,6 +48,7 @@ class ServerInfo:
     block_decode_s: float  # seconds per token per block, measured at start
     block_prefill_s_per_token: float  # slope of prefill time per block (affine in prompt length)
     block_prefill_base_s: float  # intercept of prefill time per block
+    data_port: int  # where steps go (same host); the control port takes info/open/close
 
     def to_wire(self) -> dict:
         return asdict(self)
