@@ -20,7 +20,8 @@ from blockswarm.planner import cgbprr
 from blockswarm.planner.view import SwarmView
 from blockswarm.sim.engine import Engine
 from blockswarm.sim.runner import Outage, simulate, with_workload
-from blockswarm.sim.topology import great_circle_m, place_on_topology, rtt_from_coordinates, rtt_from_gml
+from blockswarm.perf.network import great_circle_m, rtt_from_coordinates
+from blockswarm.sim.topology import place_on_topology, rtt_from_gml
 from blockswarm.sim.workload import Lengths, arrivals, generate, load_trace
 
 from planner_instances import tiny_scenario
@@ -235,3 +236,41 @@ def test_sweep_cli_plots_a_curve_per_policy(tmp_path):
     curves = json.loads(out.read_text())["curves"]
     assert set(curves) == {"petals", "cgbprr"} and all(len(c) == 2 for c in curves.values())
     assert plot.stat().st_size > 10_000
+
+
+def test_occupancy_is_time_weighted_and_bounded():
+    from blockswarm.sim.metrics import occupancy_stats
+
+    # 10 slots: 4 held on [0, 5), 10 held on [5, 6), 0 after; over [0, 10): mean (20 + 10) / 100
+    mean, peak = occupancy_stats([(0.0, 4), (5.0, 10), (6.0, 0)], 10, 0.0, 10.0)
+    assert math.isclose(mean, 0.3) and peak == 1.0
+    scenario = with_workload(load_scenario("scenarios/clustered-9.yaml"), rate=0.5)
+    summary = simulate(scenario, "cgbprr", seed=0).summary
+    assert 0 < summary["cache_occupancy_mean"] <= summary["cache_occupancy_peak"] <= 1
+
+
+def test_scenario_rtts_from_coordinates():
+    import yaml
+
+    from blockswarm.perf.scenario import parse_scenario
+
+    data = yaml.safe_load(open("scenarios/clustered-9.yaml"))
+    del data["network"]["rtt_ms"]
+    data["network"]["coordinates"] = {"cluster0": [48.86, 2.35], "cluster1": [50.11, 8.68], "cluster2": [40.71, -74.01]}
+    scenario = parse_scenario(data)
+    assert 0.080 < scenario.network.rtt("cluster0", "cluster2") < 0.095  # Paris - New York
+    assert scenario.network.rtt("cluster0", "cluster1") < 0.01  # Paris - Frankfurt
+    data["network"]["coordinates"].pop("cluster2")
+    with pytest.raises(ConfigError, match="no coordinates for cluster2"):
+        parse_scenario(data)
+
+
+def test_simulate_cli_replays_a_trace(tmp_path):
+    trace, out = tmp_path / "trace.csv", tmp_path / "out.json"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,20,64\n2,40,200\n4,20,128\n")
+    run = subprocess.run([sys.executable, "-m", "blockswarm", "simulate", "scenarios/clustered-9.yaml", "--seeds", "1",
+                          "--trace", str(trace), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    assert data["cgbprr"]["n_requests"] == 3 and data["petals"]["n_requests"] == 3
+    assert data["cgbprr"]["cache_occupancy_over_time"]

@@ -185,6 +185,8 @@ def simulate(
     burstiness: float = typer.Option(1.0, help="Coefficient of variation of inter-arrival gaps (1 = Poisson)."),
     topology: Optional[str] = typer.Option(None, help="GML topology: servers and clients go on its nodes."),
     topology_seed: int = typer.Option(0, help="Seed for placing servers and clients on the topology."),
+    trace: Optional[str] = typer.Option(None, help="Replay this CSV trace (arrival_s,prompt_tokens,output_tokens"
+                                        "[,client]) instead of generating arrivals."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write per-policy results as JSON here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG comparing the policies here."),
 ):
@@ -200,20 +202,28 @@ def simulate(
     names = [p.strip() for p in policies.split(",") if p.strip()]
     try:
         loaded = _load_for_sim(scenario, rate, output_tokens, requests, topology, topology_seed)
+        options = {"burstiness": burstiness}
+        if trace:
+            from blockswarm.sim.runner import fit_to_requests
+            from blockswarm.sim.workload import load_trace
+
+            options["requests"] = load_trace(trace, len(loaded.clients))
+            loaded = fit_to_requests(loaded, options["requests"])
         with _progress(len(names) * seeds, "simulating") as progress:
             task = progress.add_task("runs", total=len(names) * seeds)
-            table = compare(loaded, names, seeds, progress=lambda: progress.advance(task), burstiness=burstiness)
+            table = compare(loaded, names, seeds, progress=lambda: progress.advance(task), **options)
     except BlockswarmError as exc:
         _fail(str(exc))
     w = loaded.workload
     view = Table(title=f"{loaded.name}: {w.num_requests} requests × {seeds} seeds, {w.rate} req/s, "
                        f"{w.prompt_tokens} → {w.output_tokens} tokens (mean ± 95 % CI)")
-    for column in ("policy", "R", "per-token s", "TTFT s", "p90 per-token s", "wait s", "utilisation"):
+    for column in ("policy", "R", "per-token s", "TTFT s", "p90 per-token s", "wait s", "cache mean / peak"):
         view.add_column(column)
     for name, row in table.items():
         view.add_row(name, str(row["R"] or "-"), f"{row['mean_per_token_s']:.3f} ± {row['mean_per_token_s_ci95']:.3f}",
                      f"{row['mean_ttft_s']:.2f} ± {row['mean_ttft_s_ci95']:.2f}", f"{row['p90_per_token_s']:.3f}",
-                     f"{row['mean_wait_s']:.2f}", f"{row['utilisation']:.1%}")
+                     f"{row['mean_wait_s']:.2f}",
+                     f"{row['cache_occupancy_mean']:.0%} / {row['cache_occupancy_peak']:.0%}")
     Console().print(view)
     if json_path:
         out = {name: {k: v for k, v in row.items() if k != "per_token_samples"} for name, row in table.items()}

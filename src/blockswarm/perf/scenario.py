@@ -11,6 +11,8 @@ is the performance model's job (perf/hardware.py). Format (see scenarios/cluster
     clients: [{name: client0, location: cluster0}]
     network:
       rtt_ms: {within: 5, between: 100}          # or pairs: {"cluster0 cluster1": 100, ...}
+      # or, instead of rtt_ms: coordinates: {cluster0: [48.86, 2.35], ...} and stretch: 1.5
+      # (RTT from great-circle distance through fibre, perf/network.py)
       decode_overhead_ms: 100
       prefill_overhead_ms: 67
       prefill_ms_per_token: 0.7049
@@ -30,6 +32,7 @@ from blockswarm.core.catalogue import MODELS
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import ClientSpec, ModelSpec, NetworkSpec, Scenario, ServerSpec, WorkloadSpec
 from blockswarm.perf.hardware import block_times, hardware
+from blockswarm.perf.network import STRETCH, rtt_from_coordinates
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -147,8 +150,29 @@ def _pairs(data, field: str, locations: set[str], scale: float) -> dict[tuple[st
     return pairs
 
 
+def _coordinates(data, locations: set[str]) -> dict[str, tuple[float, float]]:
+    data = _mapping(data, "network.coordinates")
+    sites = {}
+    for name, value in data.items():
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or not -90 <= value[0] <= 90 or not -180 <= value[1] <= 180):
+            raise ConfigError(f"network.coordinates.{name}: must be [latitude, longitude] in degrees, got {value!r}")
+        sites[str(name)] = (float(value[0]), float(value[1]))
+    missing = sorted(locations - sites.keys())
+    if missing:
+        raise ConfigError(f"network.coordinates: no coordinates for {', '.join(missing)}")
+    return sites
+
+
 def _network(data: dict, locations: set[str]) -> NetworkSpec:
-    rtt = _pairs(data.get("rtt_ms", {"within": 5, "between": 100}), "network.rtt_ms", locations, 1e-3)
+    if "coordinates" in data:
+        if "rtt_ms" in data:
+            raise ConfigError("network: give rtt_ms or coordinates, not both")
+        stretch = _number(data, "stretch", "network", STRETCH, minimum=1.0)
+        rtt = rtt_from_coordinates(_coordinates(data["coordinates"], locations), stretch)
+    else:
+        rtt = _pairs(data.get("rtt_ms", {"within": 5, "between": 100}), "network.rtt_ms", locations, 1e-3)
     bandwidth = _pairs(data.get("bandwidth_mbps", {"within": 1000, "between": 100}), "network.bandwidth_mbps",
                        locations, 1e6)
     defaults = NetworkSpec(rtt_s={})

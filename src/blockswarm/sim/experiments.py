@@ -7,11 +7,11 @@ from typing import Callable
 
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Scenario
-from blockswarm.sim.metrics import confidence_interval
+from blockswarm.sim.metrics import confidence_interval, downsample
 from blockswarm.sim.runner import SimResult, simulate, with_workload
 
-REPORTED = ("mean_per_token_s", "mean_ttft_s", "p90_per_token_s", "mean_wait_s", "mean_tpot_s", "throughput_rps",
-            "utilisation")
+REPORTED = ("mean_per_token_s", "mean_ttft_s", "p90_per_token_s", "p99_per_token_s", "mean_wait_s", "mean_tpot_s",
+            "mean_completion_s", "throughput_rps", "utilisation", "cache_occupancy_mean", "cache_occupancy_peak")
 SWEEPABLE = ("servers", "rate", "output", "fast-share")
 
 
@@ -31,6 +31,7 @@ def compare(scenario: Scenario, policies: list[str], seeds: int, progress: Calla
             mean, half = confidence_interval([r.summary[metric] for r in runs])
             row[metric], row[f"{metric}_ci95"] = mean, half
         row["per_token_samples"] = [rec.per_token_s for r in runs for rec in r.records if rec.completion is not None]
+        row["cache_occupancy_over_time"] = downsample(runs[0].occupancy, runs[0].capacity_slots)  # first seed
         table[policy] = row
     return table
 

@@ -3,7 +3,8 @@
 Per request: waiting (arrival → start), TTFT (arrival → first token), time per output token
 after the first (TPOT), completion time, and the paper's headline per-token time
 (completion − arrival) / l_out. Aggregates: mean and percentiles, throughput, utilisation of
-cache slots, and 95 % confidence intervals across seeds (Student's t).
+cache slots, cache occupancy over time (held or reserved slots / capacity), and 95 % confidence
+intervals across seeds (Student's t).
 """
 
 from __future__ import annotations
@@ -55,7 +56,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def summarize(records: list[RequestRecord], makespan_s: float, utilisation: float) -> dict:
+def occupancy_stats(occupancy: list[tuple[float, int]], capacity: int, start: float, end: float) -> tuple[float, float]:
+    """(time-weighted mean, peak) of cache slots held in the swarm, as fractions of its capacity."""
+    if not occupancy or capacity <= 0 or end <= start:
+        return 0.0, 0.0
+    area, peak = 0.0, 0
+    for (t0, held), (t1, _) in zip(occupancy, occupancy[1:] + [(end, 0)]):
+        area += held * (min(t1, end) - max(t0, start)) if t1 > start and t0 < end else 0.0
+        peak = max(peak, held)
+    return area / ((end - start) * capacity), peak / capacity
+
+
+def downsample(occupancy: list[tuple[float, int]], capacity: int, points: int = 200) -> list[tuple[float, float]]:
+    """At most `points` (time, fraction held) samples of the occupancy curve (the last value per bucket)."""
+    if not occupancy or capacity <= 0:
+        return []
+    step = max(1, len(occupancy) // points)
+    return [(t, held / capacity) for t, held in occupancy[step - 1::step]]
+
+
+def summarize(records: list[RequestRecord], makespan_s: float, utilisation: float,
+              occupancy: tuple[float, float] = (0.0, 0.0)) -> dict:
     done = [r for r in records if r.completion is not None]
     per_token = [r.per_token_s for r in done]
     ttft = [r.ttft_s for r in done]
@@ -74,6 +95,8 @@ def summarize(records: list[RequestRecord], makespan_s: float, utilisation: floa
         "throughput_rps": len(done) / makespan_s if makespan_s > 0 else math.nan,
         "tokens_per_s": sum(r.output_tokens for r in done) / makespan_s if makespan_s > 0 else math.nan,
         "utilisation": utilisation,
+        "cache_occupancy_mean": occupancy[0],
+        "cache_occupancy_peak": occupancy[1],
         "restarts": sum(r.restarts for r in records),
     }
     return out

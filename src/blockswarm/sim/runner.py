@@ -16,7 +16,7 @@ from blockswarm.planner import cgbprr, petals, wsrr
 from blockswarm.planner.registry import PLACEMENTS, ROUTERS
 from blockswarm.sim.engine import Engine
 from blockswarm.sim.events import Arrival, ServerFailure, ServerJoin
-from blockswarm.sim.metrics import RequestRecord, summarize
+from blockswarm.sim.metrics import RequestRecord, occupancy_stats, summarize
 from blockswarm.sim.workload import Lengths, generate
 from blockswarm.sim.world import World
 
@@ -70,6 +70,16 @@ def with_workload(scenario: Scenario, rate: float | None = None, output_tokens: 
     return dataclasses.replace(scenario, workload=dataclasses.replace(w, **changes)) if changes else scenario
 
 
+def fit_to_requests(scenario: Scenario, requests: list[Request]) -> Scenario:
+    """Size caches for the longest prompt and output in `requests` (e.g. a replayed trace)."""
+    w = scenario.workload
+    longest_prompt = max([w.max_prompt_tokens] + [r.prompt_tokens for r in requests])
+    longest_output = max([w.max_output_tokens] + [r.output_tokens for r in requests])
+    workload = dataclasses.replace(w, max_prompt_tokens=longest_prompt, max_output_tokens=longest_output,
+                                   num_requests=len(requests))
+    return dataclasses.replace(scenario, workload=workload)
+
+
 def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Request] | None = None,
              step_by_step: bool = False, outages: tuple[Outage, ...] = (), R: int | None = None,
              burstiness: float = 1.0) -> SimResult:
@@ -106,5 +116,6 @@ def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Requ
     makespan = last - first
     capacity = sum(s.slots for s in placement.spans)
     used = sum(world.slot_seconds.values())
-    summary = summarize(records, makespan, used / (capacity * makespan) if capacity and makespan > 0 else 0.0)
+    summary = summarize(records, makespan, used / (capacity * makespan) if capacity and makespan > 0 else 0.0,
+                        occupancy_stats(world.occupancy, capacity, first, last))
     return SimResult(policy, seed, summary, records, world.occupancy, capacity, engine.processed, wall, R)

@@ -1,43 +1,20 @@
-"""Wide-area topologies: RTTs from coordinates, or from an ISP graph in GML (Internet Topology Zoo).
+"""ISP topologies in GML (Internet Topology Zoo format), and placing a swarm on their nodes.
 
-From coordinates: RTT = 2 · stretch · great-circle distance / v_fibre + base, with
-v_fibre = 2.0e8 m/s (light in glass, ≈ c / 1.47), stretch = 1.5 (fibre paths are longer than the
-great circle; measured stretch between cities is typically 1.3-2) and base = 1 ms for switching
-and end hosts. From a GML graph: each link's one-way delay is its `delay` attribute in
-milliseconds when present, else its length from the endpoint coordinates at v_fibre (no
-stretch: the graph gives the path); RTT = 2 × shortest-path delay. Servers and clients are placed
-on the graph's nodes by seed.
+Each link's one-way delay is its `delay` attribute in milliseconds when present, else its length
+from the endpoint coordinates at v_fibre (no stretch: the graph gives the path); RTT = 2 ×
+shortest-path delay. Servers and clients are placed on the graph's nodes by seed. RTTs from
+plain coordinates live in perf/network.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from pathlib import Path
 
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Scenario
-
-FIBRE_M_PER_S = 2.0e8
-STRETCH = 1.5
-BASE_RTT_S = 0.001
-EARTH_RADIUS_M = 6_371_000.0
-LOCAL_RTT_S = 0.0005  # two hosts on the same node
-
-
-def great_circle_m(a: tuple[float, float], b: tuple[float, float]) -> float:
-    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
-    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
-
-
-def rtt_from_coordinates(sites: dict[str, tuple[float, float]], stretch: float = STRETCH,
-                         base_s: float = BASE_RTT_S) -> dict[tuple[str, str], float]:
-    """RTT between every pair of sites given as name -> (latitude, longitude) in degrees."""
-    return {(a, b): (LOCAL_RTT_S if a == b else 2 * stretch * great_circle_m(sites[a], sites[b]) / FIBRE_M_PER_S
-                     + base_s)
-            for a in sites for b in sites}
+from blockswarm.perf.network import FIBRE_M_PER_S, LOCAL_RTT_S, great_circle_m
 
 
 def rtt_from_gml(path: str | Path) -> dict[tuple[str, str], float]:
