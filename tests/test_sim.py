@@ -54,8 +54,9 @@ def test_one_server_one_request_matches_the_performance_model_exactly():
     request = Request(client=0, prompt_tokens=4, output_tokens=6, arrival_s=2.0)
     result = simulate(scenario, "cgbp+wsrr", requests=[request], R=1)
     record = result.records[0]
-    # by hand: t_cj = 0.05 + 0.01; prefill link = 0.05 + 4·1e-5... see NetworkSpec defaults in tiny_scenario
-    net, server = scenario.network, scenario.servers[0]
+    # by hand, from tiny_scenario: RTT 50 ms between sites, 10 ms overheads, τ = 10 ms,
+    # prefill 1e-5 s/token + 1 ms per block, 3 blocks, 4 prompt tokens, 6 output tokens
+    net = scenario.network
     prefill = (0.05 + net.prefill_s_per_token * 4 + 0.01) + 3 * (1e-5 * 4 + 1e-3)
     per_token = (0.05 + 0.01) + 3 * 0.01
     assert math.isclose(record.ttft_s, prefill, rel_tol=1e-12)

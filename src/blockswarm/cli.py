@@ -98,9 +98,8 @@ def demo(
 ):
     """Start local servers holding SmolLM2-135M in spans, answer a prompt through them, shut down."""
     from blockswarm.core.errors import BlockswarmError
-    from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2
+    from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2, load_config
     from blockswarm.model.families import num_blocks
-    from blockswarm.model.checkpoint import load_config
     from blockswarm.runtime.client import DistributedModel
     from blockswarm.runtime.launcher import even_spans, local_swarm
 
@@ -166,11 +165,12 @@ def _load_for_sim(scenario: str, rate, output_tokens, requests, topology, topolo
     return loaded
 
 
-def _progress(total: int, label: str):
+def _progress(label: str):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, console=__import__("rich.console").console.Console(stderr=True))
+                    transient=True, console=Console(stderr=True))
 
 
 @app.command()
@@ -209,7 +209,7 @@ def simulate(
 
             options["requests"] = load_trace(trace, len(loaded.clients))
             loaded = fit_to_requests(loaded, options["requests"])
-        with _progress(len(names) * seeds, "simulating") as progress:
+        with _progress("simulating") as progress:
             task = progress.add_task("runs", total=len(names) * seeds)
             table = compare(loaded, names, seeds, progress=lambda: progress.advance(task), **options)
     except BlockswarmError as exc:
@@ -261,7 +261,7 @@ def sweep(
     curves: dict[str, list] = {name: [] for name in names}
     try:
         base = _load_for_sim(scenario, None, None, requests, None, 0)
-        with _progress(len(points) * len(names) * seeds, f"sweeping {parameter}") as progress:
+        with _progress(f"sweeping {parameter}") as progress:
             task = progress.add_task("runs", total=len(points) * len(names) * seeds)
             for value in points:
                 table = compare(vary(base, parameter, value), names, seeds, progress=lambda: progress.advance(task))

@@ -91,13 +91,6 @@ class Span:
     def new_cache(self) -> SpanCache:
         return SpanCache(DynamicCache(config=self.config))
 
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of KV cache one token takes on this whole span."""
-        heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
-        head_dim = getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * heads * head_dim * element * (self.end - self.start)
-
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: SpanCache, first: int | None = None) -> torch.Tensor:
         """hidden: (1, n_new, hidden_size) for tokens at positions cache.length .. cache.length+n_new-1.

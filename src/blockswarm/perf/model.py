@@ -68,11 +68,6 @@ def slots(scenario: Scenario, server: int, blocks_held: int) -> int:
     return max(0, int(free // scenario.session_cache_bytes))
 
 
-def memory_used(scenario: Scenario, blocks_held: int, session_blocks: int) -> float:
-    """s_m · m_j + s_c · (blocks of j used by all active sessions)."""
-    return scenario.model.block_bytes * blocks_held + scenario.session_cache_bytes * session_blocks
-
-
 def default_request(scenario: Scenario, client: int = 0) -> Request:
     w = scenario.workload
     return Request(client=client, prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens)
