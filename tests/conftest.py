@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-TINY_FAMILIES = ("llama", "qwen2", "gpt2")
+TINY_FAMILIES = ("llama", "qwen2", "gpt2", "bloom")
 
 
 def build_tiny_model(family: str, directory, num_layers: int = 6, seed: int = 0):
     """A randomly initialised model of `family`, saved with save_pretrained into `directory`."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
                   max_position_embeddings=256)
@@ -19,6 +19,8 @@ def build_tiny_model(family: str, directory, num_layers: int = 6, seed: int = 0)
     elif family == "qwen2":
         config = Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2,
                              tie_word_embeddings=False, **common)
+    elif family == "bloom":
+        config = BloomConfig(hidden_size=64, n_layer=num_layers, n_head=4, vocab_size=128)
     elif family == "gpt2":
         config = GPT2Config(n_embd=64, n_layer=num_layers, n_head=4, n_positions=256, vocab_size=128)
     else:

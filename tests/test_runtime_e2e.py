@@ -118,3 +118,12 @@ def test_bad_input_never_kills_a_server(swarm):
     connection.request("close", session="bad")
     connection.close()
     still_serves(directory, addresses)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "bloom"])
+def test_other_families_generate_exactly_over_two_servers(tiny_model_dirs, family):
+    directory = tiny_model_dirs[family]
+    with local_swarm(str(directory), [(0, 3), (3, 6)], ["--threads", "1"]) as addresses:
+        model = DistributedModel.from_servers(addresses, model=str(directory))
+        prompt = [5, 9, 2, 77, 31]
+        assert model.generate(prompt, max_new_tokens=10).token_ids == reference_greedy(directory, prompt, 10)

@@ -21,6 +21,9 @@ class Family:
     head: str = "lm_head"
     position_embed: str | None = None  # learned absolute positions (GPT-2)
     rotary: str | None = None  # rotary embedding module built from the config (Llama-style)
+    embed_norm: str | None = None  # a norm right after the token embedding (BLOOM)
+    alibi: bool = False  # attention biased by key position (BLOOM) instead of rotary/learned positions
+    cache_kwarg: str = "past_key_values"  # how a block is handed the session's cache
 
 
 LLAMA_STYLE = Family(
@@ -38,7 +41,18 @@ GPT2 = Family(
     position_embed="transformer.wpe",
 )
 
+BLOOM = Family(
+    name="bloom",
+    layers="transformer.h",
+    embed="transformer.word_embeddings",
+    final_norm="transformer.ln_f",
+    embed_norm="transformer.word_embeddings_layernorm",
+    alibi=True,
+    cache_kwarg="layer_past",
+)
+
 FAMILIES: dict[str, Family] = {
+    "bloom": BLOOM,
     "llama": LLAMA_STYLE,
     "mistral": LLAMA_STYLE,
     "qwen2": LLAMA_STYLE,

@@ -19,9 +19,9 @@ from blockswarm.model.span import materialize, skeleton
 
 class ClientHead:
     def __init__(self, path: Path, config, embed: nn.Module, position_embed: nn.Module | None,
-                 final_norm: nn.Module, lm_head: nn.Module, dtype: torch.dtype):
+                 final_norm: nn.Module, lm_head: nn.Module, dtype: torch.dtype, embed_norm: nn.Module | None = None):
         self.path, self.config = path, config
-        self.embed, self.position_embed = embed, position_embed
+        self.embed, self.position_embed, self.embed_norm = embed, position_embed, embed_norm
         self.final_norm, self.lm_head = final_norm, lm_head
         self.dtype = dtype
         self.fingerprint = model_fingerprint(path)
@@ -40,13 +40,14 @@ class ClientHead:
 
         embed = part(family.embed)
         position_embed = part(family.position_embed) if family.position_embed else None
+        embed_norm = part(family.embed_norm) if family.embed_norm else None
         final_norm = part(family.final_norm)
         if f"{family.head}.weight" in weights and not getattr(config, "tie_word_embeddings", False):
             lm_head = part(family.head)
         else:  # tied: the head is the embedding matrix
             lm_head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False)
             lm_head.weight = embed.weight
-        return cls(path, config, embed, position_embed, final_norm, lm_head, dtype)
+        return cls(path, config, embed, position_embed, final_norm, lm_head, dtype, embed_norm)
 
     @property
     def num_blocks(self) -> int:
@@ -63,6 +64,8 @@ class ClientHead:
         if self.position_embed is not None:
             positions = torch.arange(start_position, start_position + token_ids.shape[1]).unsqueeze(0)
             hidden = hidden + self.position_embed(positions)
+        if self.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
         return hidden
 
     @torch.inference_mode()

@@ -24,7 +24,7 @@ from blockswarm.model.families import Family, family_for, get_module, num_blocks
 def skeleton(config: PretrainedConfig) -> nn.Module:
     """The whole model with no storage: a map of module names and shapes, built in milliseconds."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(config)  # transformers picks sdpa where the family has it
 
 
 def materialize(module: nn.Module, prefix: str, weights: WeightReader, dtype: torch.dtype, device: str) -> nn.Module:
@@ -102,14 +102,24 @@ class Span:
         n_new = hidden.shape[1]
         positions = torch.arange(cache.length, cache.length + n_new, device=self.device).unsqueeze(0)
         masks = self._masks(hidden, cache.kv, positions, skip)
-        extra = {}
+        extra = {self.family.cache_kwarg: cache.kv}
         if self.rotary is not None:
-            extra = {"position_embeddings": self.rotary(hidden, positions), "position_ids": positions}
+            extra.update(position_embeddings=self.rotary(hidden, positions), position_ids=positions)
+        if self.family.alibi:
+            extra["alibi"] = self._alibi(cache.length + n_new, hidden.dtype)
         for block, layer_type in zip(self.blocks[skip:], self._layer_types[skip:]):
-            hidden = block(hidden, attention_mask=masks[layer_type], past_key_values=cache.kv,
-                           use_cache=True, **extra)
+            hidden = block(hidden, attention_mask=masks[layer_type], use_cache=True, **extra)
+            if isinstance(hidden, tuple):  # BLOOM blocks return (hidden, ...)
+                hidden = hidden[0]
         cache.length += n_new
         return hidden
+
+    def _alibi(self, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """BLOOM's bias: one slope per head times each key's position, as BloomModel builds it."""
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+        slopes = _get_alibi_slopes(self.config.num_attention_heads, self.device)
+        return (slopes[:, None, None] * torch.arange(kv_length, device=self.device)).to(dtype)
 
     def _masks(self, hidden: torch.Tensor, kv: DynamicCache, positions: torch.Tensor, skip: int) -> dict:
         """transformers' own masks, sized against the first computed cache layer of each kind."""
