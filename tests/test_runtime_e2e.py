@@ -127,3 +127,16 @@ def test_other_families_generate_exactly_over_two_servers(tiny_model_dirs, famil
         model = DistributedModel.from_servers(addresses, model=str(directory))
         prompt = [5, 9, 2, 77, 31]
         assert model.generate(prompt, max_new_tokens=10).token_ids == reference_greedy(directory, prompt, 10)
+
+
+def test_a_fixed_data_port_is_used_and_reported(tiny_model_dirs):
+    import socket as sockets
+
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    directory = tiny_model_dirs["llama"]
+    with local_swarm(str(directory), [(0, 6)], ["--threads", "1", "--data-port", str(free)]) as (address,):
+        model = DistributedModel.from_servers([address], model=str(directory))
+        assert model.infos[address].data_port == free
+        assert len(model.generate([1, 2, 3], max_new_tokens=2, stop_at_eos=False).token_ids) == 2

@@ -36,7 +36,9 @@ def serve(
     model: str = typer.Option("smollm2", help="`smollm2` (embedded) or a local Hugging Face model directory."),
     blocks: str = typer.Option(..., help="Blocks to hold, START:END with END exclusive, e.g. 10:20."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(0, help="Port to listen on; 0 picks a free one (printed in the READY line)."),
+    port: int = typer.Option(0, help="Control port (info/open/close); 0 picks a free one (printed in the READY line)."),
+    data_port: int = typer.Option(0, help="Port for steps (hidden states); 0 picks a free one, which clients learn "
+                                  "from the server. Fix it when a firewall must let it through."),
     device: str = typer.Option("cpu", help="torch device for the blocks, e.g. cpu or cuda."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
     cache_tokens: int = typer.Option(16384, help="KV-cache budget in tokens for the whole span, shared by sessions."),
@@ -50,7 +52,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     start, end = _parse_span(blocks)
     try:
-        run_server(ServeConfig(model=model, start=start, end=end, host=host, port=port, device=device, dtype=dtype,
+        run_server(ServeConfig(model=model, start=start, end=end, host=host, port=port, data_port=data_port,
+                               device=device, dtype=dtype,
                                cache_tokens=cache_tokens, session_timeout_s=session_timeout, threads=threads))
     except BlockswarmError as exc:
         _fail(str(exc))

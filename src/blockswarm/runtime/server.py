@@ -35,7 +35,8 @@ class ServeConfig:
     start: int
     end: int
     host: str = "127.0.0.1"
-    port: int = 0  # 0: pick a free port and report it in the READY line
+    port: int = 0  # control port; 0: pick a free port and report it in the READY line
+    data_port: int = 0  # steps; 0: pick a free port (clients learn it from the open reply)
     device: str = "cpu"
     dtype: str = "float32"
     cache_tokens: int = 16384  # tokens of KV cache for the whole span, shared by all sessions
@@ -88,7 +89,7 @@ class Server:
         """
         context = zmq.Context()
         control = _bound_router(context, self.config.host, self.config.port)
-        data = _bound_router(context, self.config.host, 0)
+        data = _bound_router(context, self.config.host, self.config.data_port)
         self.address = f"{self.config.host}:{_port(control)}"
         self.data_port = _port(data)
         # the data socket moves to the compute thread; thread start is the memory barrier ZeroMQ asks for
@@ -181,7 +182,7 @@ def run_server(config: ServeConfig) -> None:
 
     def announce(srv: Server) -> None:
         p = srv.profile
-        print(f"READY {srv.address} blocks {config.start}:{config.end} "
+        print(f"READY {srv.address} blocks {config.start}:{config.end} data port {srv.data_port} "
               f"decode {p.block_decode_s * 1e3:.3f} ms/block/token "
               f"prefill {p.block_prefill_s_per_token * 1e3:.4f} ms/token + {p.block_prefill_base_s * 1e3:.3f} ms per block",
               flush=True)
