@@ -112,7 +112,7 @@ def test_wsrr_never_reserves_more_slots_than_a_server_has(scenario, R, gaps):
                           for j, sessions in active.items()})
         decision = wsrr.route(view, request)
         assert decision.route.covers(scenario.model.num_blocks)
-        start = now + decision.wait_s
+        start = decision.start_s
         from blockswarm.perf.model import route_time
         end = start + route_time(scenario, decision.route, request).completion_s
         for hop in decision.route.hops:

@@ -55,9 +55,8 @@ def test_cache_budget_counts_token_blocks():
     with pytest.raises(UnknownSession):
         table.get("nope")
     session = table.get("b")
-    session.length = 49
     with pytest.raises(LengthExceeded):
-        table.check_step(session, 2)
+        table.check_step(session, 49, 2)
 
 
 def test_idle_sessions_expire():

@@ -113,25 +113,24 @@ class WeightReader:
     """Reads named tensors from a checkpoint's safetensors files, one tensor at a time."""
 
     def __init__(self, path: Path):
-        self._files: dict[str, Path] = {}
+        self._handles: dict[str, object] = {}  # tensor name -> the open (memory-mapped) file holding it
         for file in sorted(path.glob("*.safetensors")):
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    self._files[key] = file
+            handle = safe_open(file, framework="pt")
+            for key in handle.keys():
+                self._handles[key] = handle
 
     def __contains__(self, name: str) -> bool:
         return self._find(name) is not None
 
     def _find(self, name: str) -> str | None:
-        if name in self._files:
+        if name in self._handles:
             return name
         # Some checkpoints store the base model without its prefix ("h.0..." for "transformer.h.0...").
         short = name.split(".", 1)[1] if "." in name else name
-        return short if short in self._files else None
+        return short if short in self._handles else None
 
     def get(self, name: str) -> torch.Tensor:
         key = self._find(name)
         if key is None:
             raise ConfigError(f"checkpoint has no tensor {name!r}; is it the model the config describes?")
-        with safe_open(self._files[key], framework="pt") as handle:
-            return handle.get_tensor(key)
+        return self._handles[key].get_tensor(key)

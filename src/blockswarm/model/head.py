@@ -94,7 +94,7 @@ class ClientHead:
             encoded = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
             )
-            ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+            ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded  # a BatchEncoding or a list
             return list(ids)
         return tokenizer(prompt)["input_ids"]
 

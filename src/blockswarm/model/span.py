@@ -38,7 +38,7 @@ def materialize(module: nn.Module, prefix: str, weights: WeightReader, dtype: to
         elif tensor.dtype.is_floating_point:
             raise BadRequest(f"checkpoint has no weight {name!r}")
     module.load_state_dict(state, strict=False)
-    return module.to(dtype=dtype) if dtype.is_floating_point else module
+    return module.to(dtype=dtype)
 
 
 def rebuild_buffers(module: nn.Module, config: PretrainedConfig, device: str) -> nn.Module:

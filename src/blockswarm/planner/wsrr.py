@@ -21,8 +21,8 @@ from blockswarm.planner.view import SwarmView
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
     route: Route
-    start_s: float  # when every hop of the route has its slots (absolute time)
-    wait_s: float  # start_s − now
+    start_s: float  # when every hop of the route has its slots: an absolute time, never now + a wait,
+    # so that a start equals the end it waited for exactly (float rounding would overlap them)
 
 
 def route(view: SwarmView, request: Request) -> RoutingDecision:
@@ -32,7 +32,7 @@ def route(view: SwarmView, request: Request) -> RoutingDecision:
     static = memo_route(view, ("wsrr", request.client, request.prompt_tokens, request.output_tokens),
                         lambda j, a, b: hop_service_s(scenario, request, j, b - a))
     if has_room(view, static):
-        return RoutingDecision(static, view.now, 0.0)
+        return RoutingDecision(static, view.now)
     free_at: dict[tuple[int, int], float] = {}
 
     def cost(server: int, start: int, end: int) -> float | None:
@@ -46,8 +46,7 @@ def route(view: SwarmView, request: Request) -> RoutingDecision:
         chosen = shortest_route(view.placement, cost, view.index)[1]
     except Infeasible:
         raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
-    start = max(free_at[(h.server, h.blocks)] for h in chosen.hops)
-    return RoutingDecision(chosen, start, start - view.now)
+    return RoutingDecision(chosen, max(free_at[(h.server, h.blocks)] for h in chosen.hops))
 
 
 def choose_R(scenario: Scenario, rate: float | None = None) -> int:

@@ -165,7 +165,8 @@ class DistributedModel:
                     break
                 inputs = torch.tensor([[token]])
             hops = session.timings
-        return GenerationResult(new, self._decode(new), self.chain, ttft, latencies, hops)
+        final = text if on_token is not None else self._decode(new)  # streaming already decoded it
+        return GenerationResult(new, final, self.chain, ttft, latencies, hops)
 
     def _decode(self, ids: list[int]) -> str:
         if not self.head.has_tokenizer:  # token ids in, token ids out

@@ -1,7 +1,8 @@
 """A client's synchronous connection to one server: request, wait with a deadline, check the reply.
 
-Each connection owns one DEALER socket, so a connection belongs to one thread; sessions that run
-concurrently each open their own connections from one shared zmq.Context.
+Each connection owns its DEALER sockets (control, and data once a session is open), so a
+connection belongs to one thread; sessions that run concurrently each open their own
+connections from one shared zmq.Context.
 """
 
 from __future__ import annotations

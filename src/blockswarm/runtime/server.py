@@ -170,11 +170,11 @@ class Server:
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or hidden.shape[2] != self.span.hidden_size:
             raise BadRequest(f"hidden states must have shape (1, new_tokens>=1, {self.span.hidden_size}), "
                              f"got {tuple(hidden.shape)}")
-        self.table.check_step(session, hidden.shape[1])
+        self.table.check_step(session, session.cache.length, hidden.shape[1])
         begin = time.perf_counter()
         out = self.span.forward(hidden.to(self.span.device), session.cache, first=session.start)
-        session.length = session.cache.length
         return ok(rid, step=header.get("step"), compute_s=time.perf_counter() - begin), (out,)
+
 
 def run_server(config: ServeConfig) -> None:
     """Load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM."""

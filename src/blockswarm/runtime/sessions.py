@@ -22,8 +22,7 @@ class Session:
     start: int
     end: int
     max_length: int
-    cache: Any  # the model's per-session cache object
-    length: int = 0
+    cache: Any  # the model's per-session cache object (it knows how many tokens it holds)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -76,10 +75,10 @@ class SessionTable:
         session.last_used = self.clock()
         return session
 
-    def check_step(self, session: Session, new_tokens: int) -> None:
-        if session.length + new_tokens > session.max_length:
+    def check_step(self, session: Session, held_tokens: int, new_tokens: int) -> None:
+        if held_tokens + new_tokens > session.max_length:
             raise LengthExceeded(f"session {session.session_id!r} reserved {session.max_length} tokens and holds "
-                                 f"{session.length}; {new_tokens} more do not fit. Open a longer session.")
+                                 f"{held_tokens}; {new_tokens} more do not fit. Open a longer session.")
 
     def close(self, session_id) -> None:
         self.sessions.pop(session_id, None)

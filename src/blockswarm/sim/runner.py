@@ -11,13 +11,13 @@ import time
 from dataclasses import dataclass
 
 from blockswarm.core.errors import ConfigError
-from blockswarm.core.specs import Request, Scenario, Span
+from blockswarm.core.specs import Request, Scenario
 from blockswarm.planner import cgbprr, petals, wsrr
 from blockswarm.planner.registry import PLACEMENTS, ROUTERS
 from blockswarm.sim.engine import Engine
 from blockswarm.sim.events import Arrival, ServerFailure, ServerJoin
 from blockswarm.sim.metrics import RequestRecord, occupancy_stats, summarize
-from blockswarm.sim.workload import Lengths, generate
+from blockswarm.sim.workload import generate
 from blockswarm.sim.world import World
 
 SHORTHANDS = {"petals": "petals+petals", "cgbprr": "cgbp+wsrr"}
@@ -90,10 +90,7 @@ def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Requ
     else:
         placement = petals.place(scenario, seed)
     if requests is None:
-        w = scenario.workload
-        requests = generate(scenario, seed, burstiness=burstiness,
-                            prompt=Lengths(w.prompt_tokens, w.prompt_tokens),
-                            output=Lengths(w.output_tokens, w.output_tokens))
+        requests = generate(scenario, seed, burstiness=burstiness)
     too_long = [r for r in requests if r.prompt_tokens + r.output_tokens > scenario.workload.max_tokens]
     if too_long:
         raise ConfigError(f"{len(too_long)} requests are longer than the workload's max_prompt_tokens + "
@@ -106,7 +103,7 @@ def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Requ
         engine.schedule(ServerFailure(outage.at_s, outage.server))
         span = placement.span_of(outage.server)
         if outage.back_s is not None and span is not None:
-            engine.schedule(ServerJoin(outage.back_s, Span(span.server, span.start, span.end, span.slots)))
+            engine.schedule(ServerJoin(outage.back_s, span))
     begin = time.perf_counter()
     engine.run(world)
     wall = time.perf_counter() - begin

@@ -17,7 +17,7 @@ from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
 from blockswarm.perf.model import route_time
 from blockswarm.planner import wsrr
 from blockswarm.planner.registry import ROUTERS
-from blockswarm.planner.routing import block_index
+from blockswarm.planner.routing import block_index, has_room
 from blockswarm.planner.view import SwarmView
 from blockswarm.sim.events import Completion, DecodeStep, FirstToken, Retry, Start
 from blockswarm.sim.metrics import RequestRecord
@@ -85,13 +85,6 @@ class World:
     def view(self, now: float) -> SwarmView:
         return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used, self._memo)
 
-    def _fits(self, route: Route) -> bool:
-        for hop in route.hops:
-            span = self.placement.span_of(hop.server)
-            if span is None or self.used.get(hop.server, 0) + hop.blocks > span.slots:
-                return False
-        return True
-
     def _change_held(self, server: int, delta: int, now: float) -> None:
         self.used[server] = self.used.get(server, 0) + delta
         self._held_total += delta
@@ -137,7 +130,7 @@ class World:
         except Infeasible:  # no route at all right now (a server is down): wait for a join
             self.waiting.append(request)
             return []
-        if self._fits(route):
+        if has_room(view, route):
             return self._reserve(request, route, now, now)
         if self.router == "petals":
             return [Retry(now + min(2.0 ** attempt, MAX_BACKOFF_S), request, attempt + 1)]
