@@ -2,7 +2,10 @@
 
 Prints a table and writes JSON with per-token decode latency, time to first token, the
 transport overhead per hop (round trip minus the server's compute time, median over decode
-steps and hops) and the aggregate tokens/s with several sequences in flight through 3 servers.
+steps and hops), the aggregate tokens/s with several sequences in flight through 3 servers, and
+the transport floor measured in the same run (`transport_floor.py`: the same relay with bare
+ZeroMQ and bare TCP echo processes, no model, no serialization), so that what is ours and what
+is the machine's can be told apart.
 Every process uses one torch thread so that local and swarm compare like with like on a
 shared 2-core machine.
 
@@ -22,6 +25,7 @@ import torch
 from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2
 from blockswarm.runtime.client import DistributedModel
 from blockswarm.runtime.launcher import even_spans, local_swarm
+from transport_floor import measure as measure_transport_floor
 
 PROMPT_TOKENS = 32
 SERVER_ARGS = ["--threads", "1"]
@@ -71,7 +75,14 @@ def measure_swarm(servers: int, new_tokens: int, inflight: list[int]) -> dict:
         }
         if inflight:
             row["tokens_per_s_by_inflight"] = {str(n): throughput(model, n, new_tokens) for n in inflight}
-        return row
+    # the same relay, same cadence, with bare echo processes instead of servers, measured right after
+    client_ms = row["ms_per_token"] - row["server_compute_ms_per_token"] - servers * row["overhead_per_hop_ms"]
+    floor = measure_transport_floor(hops=servers, tokens=new_tokens,
+                                    compute_s=row["server_compute_ms_per_token"] / servers / 1e3,
+                                    client_s=max(0.0, client_ms) / 1e3)
+    row["zeromq_floor_per_hop_ms"] = floor["zeromq_floor_per_hop_ms"]
+    row["tcp_floor_per_hop_ms"] = floor["tcp_floor_per_hop_ms"]
+    return row
 
 
 def throughput(model: DistributedModel, sequences: int, new_tokens: int) -> float:
@@ -107,11 +118,13 @@ def main() -> None:
     inflight = [int(x) for x in args.inflight.split(",") if x]
     swarm = {n: measure_swarm(n, args.new_tokens, inflight if n == 3 else []) for n in (1, 2, 3)}
 
-    print(f"{'setup':<22}{'TTFT ms':>10}{'ms/token':>10}{'compute ms':>12}{'overhead/hop ms':>17}")
+    print(f"{'setup':<22}{'TTFT ms':>10}{'ms/token':>10}{'compute ms':>12}{'overhead/hop ms':>17}"
+          f"{'ZeroMQ floor':>14}{'TCP floor':>11}")
     print(f"{'local (1 process)':<22}{local['ttft_ms']:>10.1f}{local['ms_per_token']:>10.1f}")
     for n, row in swarm.items():
         print(f"{f'swarm, {n} server(s)':<22}{row['ttft_ms']:>10.1f}{row['ms_per_token']:>10.1f}"
-              f"{row['server_compute_ms_per_token']:>12.1f}{row['overhead_per_hop_ms']:>17.3f}")
+              f"{row['server_compute_ms_per_token']:>12.1f}{row['overhead_per_hop_ms']:>17.3f}"
+              f"{row['zeromq_floor_per_hop_ms']:>14.3f}{row['tcp_floor_per_hop_ms']:>11.3f}")
     by_inflight = swarm[3]["tokens_per_s_by_inflight"]
     print("aggregate tokens/s through 3 servers by sequences in flight: "
           + ", ".join(f"{k}: {v:.1f}" for k, v in by_inflight.items()))
@@ -123,11 +136,18 @@ def main() -> None:
         "swarm_ms_per_token": {str(n): row["ms_per_token"] for n, row in swarm.items()},
         "swarm_ttft_ms": {str(n): row["ttft_ms"] for n, row in swarm.items()},
         "tokens_per_s_by_inflight": by_inflight,
+        "zeromq_floor_per_hop_ms": statistics.median(row["zeromq_floor_per_hop_ms"] for row in swarm.values()),
+        "tcp_floor_per_hop_ms": statistics.median(row["tcp_floor_per_hop_ms"] for row in swarm.values()),
+        "overhead_above_zeromq_floor_ms": statistics.median(
+            row["overhead_per_hop_ms"] - row["zeromq_floor_per_hop_ms"] for row in swarm.values()),
         "swarm": {str(n): row for n, row in swarm.items()},
         "prompt_tokens": PROMPT_TOKENS,
         "new_tokens": args.new_tokens,
     }
-    print(f"transport overhead per hop (median): {result['overhead_per_hop_ms']:.3f} ms (target <= 1 ms)")
+    print(f"transport floor per hop, the same relay through bare echo processes: "
+          f"ZeroMQ {result['zeromq_floor_per_hop_ms']:.3f} ms, plain TCP {result['tcp_floor_per_hop_ms']:.3f} ms")
+    print(f"transport overhead per hop (median): {result['overhead_per_hop_ms']:.3f} ms (target <= 1 ms), "
+          f"{result['overhead_above_zeromq_floor_ms']:+.3f} ms over the ZeroMQ floor")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
