@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
 import msgpack
 import pytest
 import torch
+import zmq
 
-from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, TooLarge, UnknownSession
+from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, PeerGone, TooLarge, UnknownSession
+from blockswarm.runtime.connection import fetch_info
 from blockswarm.runtime.protocol import decode, encode, error_reply, raise_if_error
 from blockswarm.runtime.sessions import SessionTable
 
@@ -68,3 +72,11 @@ def test_idle_sessions_expire():
     now[0] = 11.0
     assert table.expire(10.0) == ["a"]
     assert list(table.sessions) == ["b"]
+
+
+def test_an_address_where_nothing_listens_is_reported_not_awaited():
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(PeerGone, match=f"nothing accepts connections at {address}.*is the server running"):
+        fetch_info(zmq.Context.instance(), address, timeout_s=30)

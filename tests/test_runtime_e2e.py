@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 
 import msgpack
@@ -9,10 +12,10 @@ import pytest
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, TooLarge, UnknownSession
+from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, PeerGone, TooLarge, UnknownSession
 from blockswarm.runtime.client import DistributedModel
 from blockswarm.runtime.connection import Connection
-from blockswarm.runtime.launcher import local_swarm
+from blockswarm.runtime.launcher import local_swarm, serve_command, stop_all, wait_ready
 
 from conftest import reference_model
 
@@ -118,6 +121,29 @@ def test_bad_input_never_kills_a_server(swarm):
     connection.request("close", session="bad")
     connection.close()
     still_serves(directory, addresses)
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_server_that_dies_or_freezes_mid_session_is_reported_not_awaited(tiny_model_dirs, how):
+    """Killed: the dropped connection tells at once. Frozen (SIGSTOP, socket still open): the
+    unanswered heartbeats tell. Either way PeerGone long before the request's own deadline."""
+    process = subprocess.Popen(serve_command(str(tiny_model_dirs["llama"]), 0, 3, ["--threads", "1"]),
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        address = wait_ready(process, 120)
+        connection = Connection(zmq.Context.instance(), address, timeout_s=30, heartbeat_s=0.5)
+        connection.request("open", session="s", start=0, end=3, max_length=8)
+        hidden = torch.zeros(1, 1, 64)
+        connection.request("step", (hidden,), session="s")
+        os.kill(process.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        with pytest.raises(PeerGone, match=f"lost the connection to {address} while waiting for 'step'") as caught:
+            connection.request("step", (hidden,), session="s")  # a Timeout here would mean 30 s of waiting
+        assert caught.value.retriable
+        connection.close()
+    finally:
+        if how == "frozen":
+            os.kill(process.pid, signal.SIGCONT)
+        stop_all([process])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2", "bloom"])

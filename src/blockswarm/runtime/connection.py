@@ -2,7 +2,10 @@
 
 Each connection owns its DEALER sockets (control, and data once a session is open), so a
 connection belongs to one thread; sessions that run concurrently each open their own
-connections from one shared zmq.Context.
+connections from one shared zmq.Context. A server that dies or stops answering is noticed while
+a reply is awaited, from ZeroMQ's own liveness signals: a dropped TCP connection, failed
+reconnects, or heartbeats (ZMTP PINGs, answered by the server's I/O thread even mid-compute)
+left unanswered. The request then fails with a retriable `PeerGone` at once, not at its deadline.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadRequest, PeerGone, Timeout
 from blockswarm.runtime.protocol import ServerInfo, decode, encode, raise_if_error
@@ -24,45 +28,93 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# what tells a waiting client that its server is gone: the connection dropped (closed by the
+# peer, or heartbeats unanswered), or reconnecting to it failed
+LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+
+
+class _Link:
+    """One DEALER socket with heartbeats, and the monitor that reports its connection's losses."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, heartbeat_s: float):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        interval_ms = max(1, int(heartbeat_s * 1000))
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * interval_ms)
+        self.monitor = self.socket.get_monitor_socket(LOST_EVENTS)  # before connect: no event missed
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.socket.connect(endpoint)
+
+    def forget_losses(self) -> None:
+        """Drop loss events from before a request: a server that came back answers for itself."""
+        while self.monitor.poll(0):
+            self.monitor.recv_multipart()
+
+    def ready(self, timeout_ms: int) -> bool:
+        """True when a reply waits; False on timeout; raises _Lost when the connection is gone."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.monitor in events:
+            raise _Lost(recv_monitor_message(self.monitor)["event"])
+        return self.socket in events
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=0)
+
+
+class _Lost(Exception):
+    def __init__(self, event: int):
+        super().__init__(event)
+        self.event = event
+
+
 class Connection:
     """Control requests go to the server's control port; steps to its data port, which the
     `open` reply names. While a decode step is expected back, the connection spins for a
-    moment instead of sleeping: waking a sleeping thread costs ~0.2-0.5 ms on a VM."""
+    moment instead of sleeping: waking a sleeping thread costs ~0.2-0.5 ms on a VM.
+    `heartbeat_s`: how often ZeroMQ pings the server; three unanswered pings mean it is gone."""
 
-    def __init__(self, context: zmq.Context, address: str, timeout_s: float = 60.0, spin_s: float = 0.002):
+    def __init__(self, context: zmq.Context, address: str, timeout_s: float = 60.0, spin_s: float = 0.002,
+                 heartbeat_s: float = 2.0):
         self.host, port = parse_address(address)
         self.address = address
         self.timeout_s = timeout_s
         self.spin_s = spin_s
+        self.heartbeat_s = heartbeat_s
         self._context = context
         self._control = self._connect(port)
-        self._data = None
+        self._data: _Link | None = None
         self._rids = itertools.count(1)
         self._expected_step_s: float | None = None  # last decode step's round trip
 
-    def _connect(self, port: int):
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(f"tcp://{self.host}:{port}")
-        return socket
+    def _connect(self, port: int) -> _Link:
+        return _Link(self._context, f"tcp://{self.host}:{port}", self.heartbeat_s)
 
     def request(self, op: str, tensors: tuple[torch.Tensor, ...] = (), timeout_s: float | None = None,
                 **fields) -> tuple[dict, list[torch.Tensor]]:
-        socket = self._control
+        link = self._control
         if op == "step":
             if self._data is None:
                 raise BadRequest(f"open a session on {self.address} before stepping")
-            socket = self._data
+            link = self._data
         rid = next(self._rids)
         timeout_s = timeout_s or self.timeout_s
+        link.forget_losses()
         begin = time.perf_counter()
-        socket.send_multipart(encode({"op": op, "rid": rid, **fields}, tensors), copy=False)
+        link.socket.send_multipart(encode({"op": op, "rid": rid, **fields}, tensors), copy=False)
         decode_step = op == "step" and tensors and tensors[0].shape[1] == 1
         expected = self._expected_step_s if decode_step else None
         while True:
-            if not self._wait(socket, begin + timeout_s, expected):
-                raise Timeout(f"{self.address} did not answer {op!r} within {timeout_s:.0f} s")
-            header, out = decode(socket.recv_multipart())
+            try:
+                if not self._wait(link, begin + timeout_s, expected):
+                    raise Timeout(f"{self.address} did not answer {op!r} within {timeout_s:.0f} s")
+            except _Lost as lost:
+                raise PeerGone(self._lost_message(lost.event, op)) from None
+            header, out = decode(link.socket.recv_multipart())
             if header.get("rid") in (rid, None):  # replies to earlier timed-out requests are dropped
                 break
         if decode_step:
@@ -71,26 +123,32 @@ class Connection:
             self._data = self._connect(header["data_port"])
         return raise_if_error(header), out
 
-    def _wait(self, socket, deadline: float, expected_s: float | None) -> bool:
+    def _wait(self, link: _Link, deadline: float, expected_s: float | None) -> bool:
         """Sleep until shortly before the reply is due, spin for at most 2·spin_s, then sleep again."""
         if expected_s is not None and self.spin_s > 0:
             nap_ms = int((expected_s - self.spin_s) * 1000)
-            if nap_ms > 0 and socket.poll(nap_ms):
+            if nap_ms > 0 and link.ready(nap_ms):
                 return True
             spin_until = min(time.perf_counter() + 2 * self.spin_s, deadline)
             while time.perf_counter() < spin_until:
-                if socket.poll(0):
+                if link.ready(0):
                     return True
-        return bool(socket.poll(max(0, int((deadline - time.perf_counter()) * 1000))))
+        return link.ready(max(0, int((deadline - time.perf_counter()) * 1000)))
+
+    def _lost_message(self, event: int, op: str) -> str:
+        if event == zmq.EVENT_CONNECT_RETRIED:
+            return f"nothing accepts connections at {self.address} (while waiting for {op!r}); is the server running?"
+        return (f"lost the connection to {self.address} while waiting for {op!r}: the server stopped, "
+                f"or left {3 * self.heartbeat_s:g} s of heartbeats unanswered")
 
     def info(self, timeout_s: float | None = None) -> ServerInfo:
         header, _ = self.request("info", timeout_s=timeout_s)
         return ServerInfo.from_wire(header)
 
     def close(self) -> None:
-        self._control.close(linger=0)
+        self._control.close()
         if self._data is not None:
-            self._data.close(linger=0)
+            self._data.close()
 
 
 def fetch_info(context: zmq.Context, address: str, timeout_s: float = 10.0) -> ServerInfo:

@@ -33,12 +33,12 @@ def local_swarm(model: str, spans: list[tuple[int, int]], extra_args: list[str] 
     processes = [subprocess.Popen(serve_command(model, a, b, list(extra_args)), stdout=subprocess.PIPE,
                                   stderr=None, text=True, env=env) for a, b in spans]
     try:
-        yield [_wait_ready(p, timeout_s) for p in processes]
+        yield [wait_ready(p, timeout_s) for p in processes]
     finally:
         stop_all(processes)
 
 
-def _wait_ready(process: subprocess.Popen, timeout_s: float) -> str:
+def wait_ready(process: subprocess.Popen, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ready, _, _ = select.select([process.stdout], [], [], 0.5)

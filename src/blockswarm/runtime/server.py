@@ -27,6 +27,7 @@ from blockswarm.runtime.sessions import SessionTable
 
 log = logging.getLogger("blockswarm.server")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+HEARTBEAT_MS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +197,8 @@ def _bound_router(context: zmq.Context, host: str, port: int):
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the peer, not us
+    socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)  # connections of vanished clients are dropped
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
     if port:
         socket.bind(f"tcp://{host}:{port}")
     else:
