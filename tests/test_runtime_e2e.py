@@ -146,6 +146,37 @@ def test_a_server_that_dies_or_freezes_mid_session_is_reported_not_awaited(tiny_
         stop_all([process])
 
 
+def test_generation_survives_a_server_killed_mid_way_with_the_same_output(tiny_model_dirs):
+    """A[0:2] then B[2:6] or C[1:6]: kill whichever the chain uses after a few tokens. The other
+    takes blocks 2:6 (C entering mid-span), the steps so far are replayed, and the tokens equal
+    transformers' greedy output. With no server left for those blocks, the error says so."""
+    directory = tiny_model_dirs["llama"]
+    processes = [subprocess.Popen(serve_command(str(directory), a, b, ["--threads", "1"]), stdout=subprocess.PIPE,
+                                  text=True) for a, b in [(0, 2), (2, 6), (1, 6)]]
+    try:
+        by_address = {wait_ready(p, 120): p for p in processes}
+        model = DistributedModel.from_servers(list(by_address), model=str(directory))
+        victim = model.chain[1].address
+        prompt = [3, 14, 15, 92, 65, 35]
+
+        def kill_after_five():
+            tokens = iter(range(100))
+            return lambda _token, _text: next(tokens) == 4 and by_address[victim].kill()
+
+        result = model.generate(prompt, max_new_tokens=16, stop_at_eos=False, on_token=kill_after_five())
+        assert result.token_ids == reference_greedy(directory, prompt, 16)
+        assert len(result.repairs) == 1 and result.repairs[0].startswith(f"{victim} failed")
+        survivor = result.chain[1]
+        assert survivor.address != victim and (survivor.start, survivor.end) == (2, 6)
+        assert victim not in model.infos and model.chain == result.chain  # new sessions avoid it
+
+        victim = survivor.address
+        with pytest.raises(PeerGone, match="no other chain is left for blocks 2 on"):
+            model.generate(prompt, max_new_tokens=16, stop_at_eos=False, on_token=kill_after_five())
+    finally:
+        stop_all(processes)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gpt2", "bloom"])
 def test_other_families_generate_exactly_over_two_servers(tiny_model_dirs, family):
     directory = tiny_model_dirs[family]

@@ -42,12 +42,14 @@ def block_index(placement: Placement) -> tuple[tuple, ...]:
     return tuple(tuple(spans) for spans in by_block)
 
 
-def shortest_route(placement: Placement, hop_cost: HopCost, index: tuple | None = None) -> tuple[float, Route]:
+def shortest_route(placement: Placement, hop_cost: HopCost, index: tuple | None = None,
+                   start: int = 0) -> tuple[float, Route]:
+    """The cheapest route from block boundary `start` (0 unless a route's tail is being replaced) to L."""
     L = placement.num_blocks
     by_block = index if index is not None else block_index(placement)
-    best = {0: 0.0}
+    best = {start: 0.0}
     previous: dict[int, tuple[int, Hop]] = {}
-    queue = [(0.0, 0)]
+    queue = [(0.0, start)]
     while queue:
         cost, boundary = heapq.heappop(queue)
         if boundary == L:
@@ -65,10 +67,10 @@ def shortest_route(placement: Placement, hop_cost: HopCost, index: tuple | None 
                 heapq.heappush(queue, (total, span.end))
     if L not in best:
         covered = sorted({(s.start, s.end) for s in placement.spans})
-        raise Infeasible(f"no route covers blocks 0:{L} (spans held: {covered[:12]}"
+        raise Infeasible(f"no route covers blocks {start}:{L} (spans held: {covered[:12]}"
                          f"{' ...' if len(covered) > 12 else ''})")
     hops, boundary = [], L
-    while boundary:
+    while boundary != start:
         boundary, hop = previous[boundary]
         hops.append(hop)
     return best[L], Route(tuple(hops[::-1]))

@@ -2,12 +2,15 @@
 
 The client keeps the tokenizer, embeddings, final norm and LM head, and relays hidden states
 hop by hop (hub and spoke). `InferenceSession` is the explicit step-by-step object; `generate`
-is the loop most users want. Timings per token and per hop are kept for reports.
+is the loop most users want. Timings per token and per hop are kept for reports. When a server
+fails mid-generation, its blocks move to other servers holding them and the session replays
+what they had been sent, so generation goes on with the same output.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,7 +19,7 @@ from typing import Callable
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest
+from blockswarm.core.errors import BadRequest, BlockswarmError, Infeasible, PeerGone, Timeout
 from blockswarm.model.head import ClientHead
 from blockswarm.model.sampling import SamplingParams, next_token
 from blockswarm.runtime.chain import Hop, choose_chain
@@ -36,22 +39,35 @@ class HopTiming:
         return [rt - c for rt, c in zip(self.round_trip_s, self.compute_s)]
 
 
-class InferenceSession:
-    """One generation's sessions on every hop of a chain; `step` runs new tokens' hidden states through all."""
+Reroute = Callable[[int, str], list[Hop]]  # (block where the failed hop started, its address) -> new tail
 
-    def __init__(self, context: zmq.Context, chain: list[Hop], max_length: int, timeout_s: float = 60.0):
-        self.chain, self.max_length = chain, max_length
+
+class InferenceSession:
+    """One generation's sessions on every hop of a chain; `step` runs new tokens' hidden states through all.
+
+    Every hop's inputs are kept, step by step. When a server dies or stops answering and the
+    session can `reroute`, the hops from the failed one on are replaced by a new tail of the chain
+    and those inputs are replayed into it exactly as first sent, so the caches (and hence every
+    later token) are bit for bit what they would have been; the step then goes on."""
+
+    def __init__(self, context: zmq.Context, chain: list[Hop], max_length: int, timeout_s: float = 60.0,
+                 reroute: Reroute | None = None, max_repairs: int = 3):
+        self.max_length = max_length
         self.session_id = uuid.uuid4().hex
+        self.chain: list[Hop] = []
         self.connections: list[Connection] = []
-        self.timings = [HopTiming(hop.address) for hop in chain]
+        self.timings: list[HopTiming] = []
+        self.sent: list[list[torch.Tensor]] = []  # per hop: the hidden states it was sent, step by step
+        self.repairs: list[str] = []  # what failed and where its blocks went, for the report
         self.position = 0
+        self._context, self._timeout_s = context, timeout_s
+        self._reroute, self._max_repairs = reroute, max_repairs
         self._step_id = 0
         try:
-            for hop in chain:
-                connection = Connection(context, hop.address, timeout_s)
-                self.connections.append(connection)
-                connection.request("open", session=self.session_id, start=hop.start, end=hop.end,
-                                   max_length=max_length)
+            try:
+                self._attach(0, chain, replay=[])
+            except (PeerGone, Timeout) as failure:
+                self._recover(len(self.chain) - 1, failure)
         except BaseException:
             self.close()
             raise
@@ -59,25 +75,78 @@ class InferenceSession:
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (1, n_new, d) entering block 0 -> (1, n_new, d) leaving the last block."""
         self._step_id += 1
-        for connection, timing in zip(self.connections, self.timings):
+        index = 0
+        while index < len(self.chain):
+            connection, timing = self.connections[index], self.timings[index]
             begin = time.perf_counter()
-            header, out = connection.request("step", (hidden,), session=self.session_id, step=self._step_id)
+            try:
+                header, out = connection.request("step", (hidden,), session=self.session_id, step=self._step_id)
+            except (PeerGone, Timeout) as failure:
+                self._recover(index, failure)
+                continue  # the same step, on the hop that replaced the failed one
             timing.round_trip_s.append(time.perf_counter() - begin)
             timing.compute_s.append(float(header.get("compute_s", 0.0)))
             if len(out) != 1 or out[0].shape != hidden.shape:
                 raise BadRequest(f"{connection.address} answered a step with a malformed tensor")
+            self.sent[index].append(hidden)
             hidden = out[0]
+            index += 1
         self.position += hidden.shape[1]
         return hidden
 
-    def close(self) -> None:
-        for connection in self.connections:
+    def _attach(self, index: int, hops: list[Hop], replay: list[torch.Tensor]) -> None:
+        """Make `hops` the chain from position `index` on: open their sessions and replay into
+        them what that part of the chain was sent so far. Raises PeerGone/Timeout if one fails;
+        the failed hop is then the last one in the chain."""
+        self._drop_from(index)
+        for hop in hops:
+            self.chain.append(hop)
+            self.connections.append(Connection(self._context, hop.address, self._timeout_s))
+            self.timings.append(HopTiming(hop.address))
+            self.sent.append(list(replay))  # its own list: later steps are appended per hop
+            connection = self.connections[-1]
+            connection.request("open", session=self.session_id, start=hop.start, end=hop.end,
+                               max_length=self.max_length)
+            if replay:
+                replay = connection.replay(replay, session=self.session_id)
+
+    def _recover(self, index: int, failure: BlockswarmError) -> None:
+        """Replace the failed hop at `index` and everything after it, or re-raise the failure."""
+        while True:
+            failed = self.chain[index]
+            if self._reroute is None or len(self.repairs) >= self._max_repairs:
+                raise failure
             try:
-                connection.request("close", session=self.session_id, timeout_s=2.0)
-            except Exception:  # closing is best effort; idle sessions expire on the server anyway
-                pass
-            connection.close()
-        self.connections = []
+                tail = self._reroute(failed.start, failed.address)
+            except Infeasible as exc:
+                raise PeerGone(f"{failure}; no other chain is left for blocks {failed.start} on ({exc})") from None
+            self.repairs.append(
+                f"{failed.address} failed ({failure}); blocks from {failed.start} on moved to "
+                + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in tail)
+                + f", {len(self.sent[index])} step(s) replayed")
+            self.connections[index].close()  # no goodbye to a server that is gone
+            try:
+                self._attach(index, tail, replay=self.sent[index])
+                return
+            except (PeerGone, Timeout) as again:
+                index, failure = len(self.chain) - 1, again
+
+    def _drop_from(self, index: int) -> None:
+        for connection in self.connections[index:]:
+            self._close_one(connection)
+        del self.chain[index:], self.connections[index:], self.timings[index:], self.sent[index:]
+
+    def _close_one(self, connection: Connection) -> None:
+        if connection.closed:
+            return
+        try:
+            connection.request("close", session=self.session_id, timeout_s=2.0)
+        except Exception:  # closing is best effort; idle sessions expire on the server anyway
+            pass
+        connection.close()
+
+    def close(self) -> None:
+        self._drop_from(0)
 
     def __enter__(self):
         return self
@@ -94,6 +163,7 @@ class GenerationResult:
     ttft_s: float
     token_latencies_s: list[float]  # per decoded token after the first
     hops: list[HopTiming]
+    repairs: list[str] = field(default_factory=list)  # servers that failed mid-generation, and where their blocks went
 
     @property
     def median_token_s(self) -> float:
@@ -101,15 +171,19 @@ class GenerationResult:
 
 
 class DistributedModel:
-    """Mirrors a transformers causal LM, but its blocks run on servers."""
+    """Mirrors a transformers causal LM, but its blocks run on servers.
+
+    A server that fails is dropped from `infos` for good; sessions then continue over the others
+    (see `InferenceSession`) and new sessions start on a chain without it."""
 
     def __init__(self, head: ClientHead, infos: dict[str, ServerInfo], context: zmq.Context | None = None,
                  timeout_s: float = 60.0):
-        self.head, self.infos = head, infos
+        self.head, self.infos = head, dict(infos)
         self.context = context or zmq.Context.instance()
         self.timeout_s = timeout_s
         self._check_servers()
-        self.chain = choose_chain(infos, head.num_blocks)
+        self.chain = choose_chain(self.infos, head.num_blocks)
+        self._lock = threading.Lock()  # sessions in several threads may report failures at once
 
     @classmethod
     def from_servers(cls, addresses: list[str], model: str = "smollm2", timeout_s: float = 60.0) -> "DistributedModel":
@@ -130,7 +204,17 @@ class DistributedModel:
                 raise BadRequest(f"{address} runs {info.dtype}; the client runs {dtype}")
 
     def session(self, max_length: int) -> InferenceSession:
-        return InferenceSession(self.context, self.chain, max_length, self.timeout_s)
+        return InferenceSession(self.context, self.chain, max_length, self.timeout_s, reroute=self._reroute)
+
+    def _reroute(self, start: int, failed: str) -> list[Hop]:
+        """Forget a failed server; the best tail of a chain from block `start` over those left."""
+        with self._lock:
+            self.infos.pop(failed, None)
+            try:
+                self.chain = choose_chain(self.infos, self.head.num_blocks)
+            except Infeasible:
+                pass  # the tail below may still exist; new sessions will report what is missing
+            return choose_chain(self.infos, self.head.num_blocks, start=start)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
                  chat_template: bool = True, stop_at_eos: bool = True,
@@ -164,9 +248,9 @@ class DistributedModel:
                 if token in stops:
                     break
                 inputs = torch.tensor([[token]])
-            hops = session.timings
+            chain, hops, repairs = list(session.chain), list(session.timings), list(session.repairs)
         final = text if on_token is not None else self._decode(new)  # streaming already decoded it
-        return GenerationResult(new, final, self.chain, ttft, latencies, hops)
+        return GenerationResult(new, final, chain, ttft, latencies, hops, repairs)
 
     def _decode(self, ids: list[int]) -> str:
         if not self.head.has_tokenizer:  # token ids in, token ids out

@@ -96,32 +96,69 @@ class Connection:
 
     def request(self, op: str, tensors: tuple[torch.Tensor, ...] = (), timeout_s: float | None = None,
                 **fields) -> tuple[dict, list[torch.Tensor]]:
-        link = self._control
-        if op == "step":
-            if self._data is None:
-                raise BadRequest(f"open a session on {self.address} before stepping")
-            link = self._data
-        rid = next(self._rids)
+        link = self._link(op)
         timeout_s = timeout_s or self.timeout_s
         link.forget_losses()
         begin = time.perf_counter()
-        link.socket.send_multipart(encode({"op": op, "rid": rid, **fields}, tensors), copy=False)
+        rid = self._send(link, op, tensors, fields)
         decode_step = op == "step" and tensors and tensors[0].shape[1] == 1
         expected = self._expected_step_s if decode_step else None
-        while True:
-            try:
-                if not self._wait(link, begin + timeout_s, expected):
-                    raise Timeout(f"{self.address} did not answer {op!r} within {timeout_s:.0f} s")
-            except _Lost as lost:
-                raise PeerGone(self._lost_message(lost.event, op)) from None
-            header, out = decode(link.socket.recv_multipart())
-            if header.get("rid") in (rid, None):  # replies to earlier timed-out requests are dropped
-                break
+        header, out = self._receive(link, op, {rid}, begin, timeout_s, expected)[rid]
         if decode_step:
             self._expected_step_s = time.perf_counter() - begin
         if op == "open" and header.get("ok") and isinstance(header.get("data_port"), int) and self._data is None:
             self._data = self._connect(header["data_port"])
         return raise_if_error(header), out
+
+    def replay(self, steps: list[torch.Tensor], window: int = 64, **fields) -> list[torch.Tensor]:
+        """Run a session's earlier steps again, exactly as they were sent, up to `window` in flight
+        (the server answers them in order): rebuilding a session costs compute, not a round trip
+        per step. Returns each step's output."""
+        link = self._link("step")
+        link.forget_losses()
+        outputs = []
+        for first in range(0, len(steps), window):
+            begin = time.perf_counter()
+            rids = [self._send(link, "step", (hidden,), fields) for hidden in steps[first:first + window]]
+            replies = self._receive(link, "step", set(rids), begin, self.timeout_s, None)
+            for rid in rids:
+                header, out = replies[rid]
+                raise_if_error(header)
+                outputs.append(out[0])
+        return outputs
+
+    def _link(self, op: str) -> _Link:
+        if self._control is None:
+            raise BadRequest(f"the connection to {self.address} is closed")
+        if op != "step":
+            return self._control
+        if self._data is None:
+            raise BadRequest(f"open a session on {self.address} before stepping")
+        return self._data
+
+    def _send(self, link: _Link, op: str, tensors: tuple[torch.Tensor, ...], fields: dict) -> int:
+        rid = next(self._rids)
+        link.socket.send_multipart(encode({"op": op, "rid": rid, **fields}, tensors), copy=False)
+        return rid
+
+    def _receive(self, link: _Link, op: str, rids: set[int], begin: float, timeout_s: float,
+                 expected_s: float | None) -> dict[int, tuple[dict, list[torch.Tensor]]]:
+        deadline = begin + timeout_s
+        replies = {}
+        while len(replies) < len(rids):
+            try:
+                if not self._wait(link, deadline, expected_s):
+                    raise Timeout(f"{self.address} did not answer {op!r} within {timeout_s:g} s")
+            except _Lost as lost:
+                raise PeerGone(self._lost_message(lost.event, op)) from None
+            header, out = decode(link.socket.recv_multipart())
+            rid = header.get("rid")
+            if rid is None:  # the server could not even read which request it was
+                raise_if_error(header)
+                raise BadRequest(f"{self.address} answered without a request id")
+            if rid in rids:  # replies to earlier timed-out requests are dropped
+                replies[rid] = (header, out)
+        return replies
 
     def _wait(self, link: _Link, deadline: float, expected_s: float | None) -> bool:
         """Sleep until shortly before the reply is due, spin for at most 2·spin_s, then sleep again."""
@@ -145,10 +182,16 @@ class Connection:
         header, _ = self.request("info", timeout_s=timeout_s)
         return ServerInfo.from_wire(header)
 
+    @property
+    def closed(self) -> bool:
+        return self._control is None
+
     def close(self) -> None:
-        self._control.close()
+        if self._control is not None:
+            self._control.close()
         if self._data is not None:
             self._data.close()
+        self._control = self._data = None
 
 
 def fetch_info(context: zmq.Context, address: str, timeout_s: float = 10.0) -> ServerInfo:

@@ -6,7 +6,8 @@ import statistics
 
 
 def timing_report(result) -> str:
-    lines = ["route: " + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in result.chain)]
+    lines = [f"recovered: {repair}" for repair in result.repairs]
+    lines.append("route: " + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in result.chain))
     n = len(result.token_ids)
     lines.append(f"tokens: {n}   time to first token: {result.ttft_s * 1e3:.1f} ms   "
                  f"per token (median): {result.median_token_s * 1e3:.1f} ms")
