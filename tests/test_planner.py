@@ -154,3 +154,30 @@ def test_route_enumeration_sees_every_chain():
     chains = {tuple((h.server, h.start, h.end) for h in r.hops) for r in all_routes(placement)}
     assert chains == {((0, 0, 2), (1, 2, 4)), ((0, 0, 2), (2, 2, 4))}
     assert slots(scenario, 0, 2) == 45
+
+
+@SETTINGS
+@given(spans=st.lists(st.tuples(st.integers(0, 7), st.integers(1, 8)), min_size=1, max_size=6), start=st.integers(0, 7))
+def test_a_route_from_a_later_boundary_is_the_cheapest_covering_tail(spans, start):
+    """The tail that replaces a failed hop: contiguous from `start` to L, and no dearer than any
+    tail that the full routes from 0 contain (brute force over every chain)."""
+    from blockswarm.core.specs import Placement, Span
+    from blockswarm.planner.routing import shortest_route
+
+    L = 8
+    placement = Placement(tuple(Span(i, a, min(L, a + m), 1) for i, (a, m) in enumerate(spans)), L)
+    cost = lambda server, a, b: 1.0 + 0.1 * server * (b - a)  # noqa: E731
+    tails = []
+    for route in all_routes(placement):
+        hops = [h for h in route.hops if h.end > start]
+        if hops and any(h.start == start for h in hops):
+            tails.append(sum(cost(h.server, h.start, h.end) for h in hops))
+    try:
+        total, route = shortest_route(placement, cost, start=start)
+    except Infeasible:
+        assert not tails
+        return
+    assert route.hops[0].start == start and route.hops[-1].end == L
+    assert all(a.end == b.start for a, b in zip(route.hops, route.hops[1:]))
+    assert math.isclose(total, sum(cost(h.server, h.start, h.end) for h in route.hops))
+    assert all(total <= t + 1e-12 for t in tails)
