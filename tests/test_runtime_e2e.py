@@ -177,6 +177,43 @@ def test_generation_survives_a_server_killed_mid_way_with_the_same_output(tiny_m
         stop_all(processes)
 
 
+def test_concurrent_sessions_all_recover_from_one_failure(tiny_model_dirs):
+    """Four generations in threads share the model; a server they all use is killed mid-way.
+    Each one repairs itself (one shared reroute, under a lock) and ends with its correct tokens."""
+    directory = tiny_model_dirs["llama"]
+    processes = [subprocess.Popen(serve_command(str(directory), a, b, ["--threads", "1"]), stdout=subprocess.PIPE,
+                                  text=True) for a, b in [(0, 3), (3, 6), (3, 6)]]
+    try:
+        by_address = {wait_ready(p, 120): p for p in processes}
+        model = DistributedModel.from_servers(list(by_address), model=str(directory))
+        victim = by_address[model.chain[1].address]
+        prompts = [[(5 * i + j) % 128 for j in range(4 + i)] for i in range(4)]
+        expected = [reference_greedy(directory, p, 14) for p in prompts]
+        started = threading.Barrier(5)
+        results, errors = [None] * 4, []
+
+        def run(i):
+            tokens = iter(range(100))
+            try:
+                results[i] = model.generate(prompts[i], max_new_tokens=14, stop_at_eos=False,
+                                            on_token=lambda *_: next(tokens) == 3 and started.wait(60))
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(60)  # every generation is 4 tokens in
+        victim.kill()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        assert [r.token_ids for r in results] == expected
+        assert all(len(r.repairs) == 1 for r in results) and len(model.infos) == 2
+    finally:
+        stop_all(processes)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gpt2", "bloom"])
 def test_other_families_generate_exactly_over_two_servers(tiny_model_dirs, family):
     directory = tiny_model_dirs[family]
