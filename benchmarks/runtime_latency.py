@@ -63,6 +63,7 @@ def measure_swarm(servers: int, new_tokens: int, inflight: list[int]) -> dict:
         results = [model.generate(prompt_ids(PROMPT_TOKENS), max_new_tokens=new_tokens, stop_at_eos=False)
                    for _ in range(3)]
         overheads = [o for r in results for hop in r.hops for o in hop.overhead_s[1:]]
+        server_side = [o for r in results for hop in r.hops for o in hop.server_overhead_s[1:]]
         compute = [statistics.median(sum(h.compute_s[i] for h in r.hops) for i in range(1, new_tokens))
                    for r in results]
         row = {
@@ -72,6 +73,7 @@ def measure_swarm(servers: int, new_tokens: int, inflight: list[int]) -> dict:
             "server_compute_ms_per_token": 1e3 * statistics.median(compute),
             "overhead_per_hop_ms": 1e3 * statistics.median(overheads),
             "overhead_per_hop_p90_ms": 1e3 * sorted(overheads)[int(0.9 * len(overheads))],
+            "server_side_overhead_per_hop_ms": 1e3 * statistics.median(server_side),
         }
         if inflight:
             row["tokens_per_s_by_inflight"] = {str(n): throughput(model, n, new_tokens) for n in inflight}
@@ -119,11 +121,12 @@ def main() -> None:
     swarm = {n: measure_swarm(n, args.new_tokens, inflight if n == 3 else []) for n in (1, 2, 3)}
 
     print(f"{'setup':<22}{'TTFT ms':>10}{'ms/token':>10}{'compute ms':>12}{'overhead/hop ms':>17}"
-          f"{'ZeroMQ floor':>14}{'TCP floor':>11}")
+          f"{'server side':>13}{'ZeroMQ floor':>14}{'TCP floor':>11}")
     print(f"{'local (1 process)':<22}{local['ttft_ms']:>10.1f}{local['ms_per_token']:>10.1f}")
     for n, row in swarm.items():
         print(f"{f'swarm, {n} server(s)':<22}{row['ttft_ms']:>10.1f}{row['ms_per_token']:>10.1f}"
               f"{row['server_compute_ms_per_token']:>12.1f}{row['overhead_per_hop_ms']:>17.3f}"
+              f"{row['server_side_overhead_per_hop_ms']:>13.3f}"
               f"{row['zeromq_floor_per_hop_ms']:>14.3f}{row['tcp_floor_per_hop_ms']:>11.3f}")
     by_inflight = swarm[3]["tokens_per_s_by_inflight"]
     print("aggregate tokens/s through 3 servers by sequences in flight: "

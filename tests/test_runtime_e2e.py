@@ -47,6 +47,8 @@ def test_greedy_through_three_servers_matches_transformers_generate(swarm):
     expected = reference_greedy(directory, prompt, 20)
     assert result.token_ids == expected
     assert len(result.hops) == 3 and all(len(h.round_trip_s) == len(expected) for h in result.hops)
+    for hop in result.hops:  # the server's time covers its compute; the round trip covers both
+        assert all(c <= s <= rt for c, s, rt in zip(hop.compute_s, hop.server_s, hop.round_trip_s))
 
 
 def test_eight_concurrent_sessions_all_correct(swarm):

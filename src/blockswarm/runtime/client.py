@@ -32,11 +32,17 @@ class HopTiming:
     address: str
     round_trip_s: list[float] = field(default_factory=list)
     compute_s: list[float] = field(default_factory=list)
+    server_s: list[float] = field(default_factory=list)  # request received to reply encoded, on the server
 
     @property
     def overhead_s(self) -> list[float]:
         """Time on the wire and in (de)serialization: round trip minus the server's compute time."""
         return [rt - c for rt, c in zip(self.round_trip_s, self.compute_s)]
+
+    @property
+    def server_overhead_s(self) -> list[float]:
+        """The server's part of the overhead: decoding, checking and encoding around the compute."""
+        return [s - c for s, c in zip(self.server_s, self.compute_s)]
 
 
 Reroute = Callable[[int, str], list[Hop]]  # (block where the failed hop started, its address) -> new tail
@@ -86,6 +92,7 @@ class InferenceSession:
                 continue  # the same step, on the hop that replaced the failed one
             timing.round_trip_s.append(time.perf_counter() - begin)
             timing.compute_s.append(float(header.get("compute_s", 0.0)))
+            timing.server_s.append(float(header.get("server_s", timing.compute_s[-1])))
             if len(out) != 1 or out[0].shape != hidden.shape:
                 raise BadRequest(f"{connection.address} answered a step with a malformed tensor")
             self.sent[index].append(hidden)

@@ -12,7 +12,8 @@ Ops and their fields:
 - `step` {session, step} + one tensor (1, n, hidden) → {step, compute_s} + one tensor. Steps
   go to the server's data port (its compute thread), everything else to the control port.
 - `close` {session} → {}.
-Replies carry `ok: true`, or `ok: false` with `code`, `message` and `retriable`.
+Replies carry `ok: true`, or `ok: false` with `code`, `message` and `retriable`, and
+`server_s`: the time from receiving the request to encoding the reply.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ def timing_report(result) -> str:
     for hop in result.hops:
         decode_rt = hop.round_trip_s[1:] or hop.round_trip_s
         decode_overhead = hop.overhead_s[1:] or hop.overhead_s
+        server_overhead = hop.server_overhead_s[1:] or hop.server_overhead_s
         lines.append(f"  hop {hop.address}: median round trip {statistics.median(decode_rt) * 1e3:.2f} ms, "
-                     f"of which transport {statistics.median(decode_overhead) * 1e3:.2f} ms")
+                     f"of which transport {statistics.median(decode_overhead) * 1e3:.2f} ms "
+                     f"(server side {statistics.median(server_overhead) * 1e3:.2f} ms)")
     return "\n".join(lines)

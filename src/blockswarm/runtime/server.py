@@ -125,7 +125,10 @@ class Server:
             data.close(linger=0)
 
     def _answer(self, body: list[bytes], handler) -> list[bytes]:
-        """Decode, handle, encode; every failure becomes an error reply and the server goes on."""
+        """Decode, handle, encode; every failure becomes an error reply and the server goes on.
+        Every reply says how long the server held the request (`server_s`), so a client can tell
+        the server's share of a round trip from the network's and its own."""
+        received = time.perf_counter()
         rid = None
         try:
             header, tensors = decode(body)
@@ -137,6 +140,7 @@ class Server:
             log.exception("internal error while handling a request")
             reply, out = {"ok": False, "rid": rid, "code": "internal", "retriable": False,
                           "message": f"internal server error: {type(exc).__name__}: {exc}"}, ()
+        reply["server_s"] = time.perf_counter() - received
         return encode(reply, out)
 
     def _step_op(self, header: dict, tensors: list, rid):
