@@ -91,6 +91,26 @@ def still_serves(directory, addresses):
     assert len(model.generate([1, 2, 3], max_new_tokens=3, stop_at_eos=False).token_ids) == 3
 
 
+def test_info_command_lists_what_each_server_holds_and_who_is_down(swarm, tmp_path):
+    import json
+    import socket as sockets
+    import sys
+
+    _, addresses = swarm
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{probe.getsockname()[1]}"
+    run = subprocess.run([sys.executable, "-m", "blockswarm", "info", "--servers", ",".join([*addresses, nobody]),
+                          "--json", str(tmp_path / "info.json")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    for address, (start, end) in zip(addresses, SPANS):
+        assert f"{address}  blocks {start}:{end} of 6" in run.stdout
+    assert f"{nobody}  down: nothing accepts connections" in run.stdout
+    written = json.loads((tmp_path / "info.json").read_text())
+    assert sorted(written["up"]) == sorted(addresses) and list(written["down"]) == [nobody]
+    assert all(v["free_cache_tokens"] <= v["cache_tokens"] == 2048 for v in written["up"].values())
+
+
 def test_bad_input_never_kills_a_server(swarm):
     directory, addresses = swarm
     first = addresses[0]

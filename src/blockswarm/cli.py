@@ -87,6 +87,41 @@ def generate(
     _report(result)
 
 
+@app.command()
+def info(
+    servers: str = typer.Option(..., help="Comma-separated host:port of servers to ask."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write what they answered to this file."),
+    timeout: float = typer.Option(5.0, help="Seconds to wait for each server."),
+):
+    """Ask servers what they hold and how loaded they are; exit code 1 if any does not answer."""
+    import json
+
+    import zmq
+
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.runtime.connection import fetch_info
+
+    context = zmq.Context.instance()
+    answers, down = {}, {}
+    for address in [s.strip() for s in servers.split(",") if s.strip()]:
+        try:
+            answers[address] = fetch_info(context, address, timeout)
+        except BlockswarmError as exc:
+            down[address] = str(exc)
+    for address, i in answers.items():
+        typer.echo(f"{address}  blocks {i.start}:{i.end} of {i.num_blocks}  {i.dtype}  "
+                   f"decode {i.block_decode_s * 1e3:.3f} ms/block/token  "
+                   f"cache {i.free_cache_tokens}/{i.cache_tokens} tokens free  sessions {i.sessions}  "
+                   f"model {i.model}")
+    for address, why in down.items():
+        typer.echo(f"{address}  down: {why}")
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump({"up": {a: i.to_wire() for a, i in answers.items()}, "down": down}, handle, indent=2)
+    if down:
+        raise typer.Exit(1)
+
+
 def _report(result) -> None:
     from blockswarm.runtime.report import timing_report
 
