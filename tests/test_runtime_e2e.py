@@ -15,7 +15,7 @@ import zmq
 from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, PeerGone, TooLarge, UnknownSession
 from blockswarm.runtime.client import DistributedModel
 from blockswarm.runtime.connection import Connection
-from blockswarm.runtime.launcher import local_swarm, serve_command, stop_all, wait_ready
+from blockswarm.runtime.launcher import local_swarm, server_processes
 
 from conftest import reference_model
 
@@ -149,23 +149,20 @@ def test_bad_input_never_kills_a_server(swarm):
 def test_a_server_that_dies_or_freezes_mid_session_is_reported_not_awaited(tiny_model_dirs, how):
     """Killed: the dropped connection tells at once. Frozen (SIGSTOP, socket still open): the
     unanswered heartbeats tell. Either way PeerGone long before the request's own deadline."""
-    process = subprocess.Popen(serve_command(str(tiny_model_dirs["llama"]), 0, 3, ["--threads", "1"]),
-                               stdout=subprocess.PIPE, text=True)
-    try:
-        address = wait_ready(process, 120)
+    with server_processes(str(tiny_model_dirs["llama"]), [(0, 3)], ["--threads", "1"]) as servers:
+        (address, process), = servers.items()
         connection = Connection(zmq.Context.instance(), address, timeout_s=30, heartbeat_s=0.5)
         connection.request("open", session="s", start=0, end=3, max_length=8)
         hidden = torch.zeros(1, 1, 64)
         connection.request("step", (hidden,), session="s")
         os.kill(process.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
-        with pytest.raises(PeerGone, match=f"lost the connection to {address} while waiting for 'step'") as caught:
-            connection.request("step", (hidden,), session="s")  # a Timeout here would mean 30 s of waiting
+        try:
+            with pytest.raises(PeerGone, match=f"lost the connection to {address} while waiting for 'step'") as caught:
+                connection.request("step", (hidden,), session="s")  # a Timeout here would mean 30 s of waiting
+        finally:
+            os.kill(process.pid, signal.SIGCONT)  # a frozen server must wake to be stopped
         assert caught.value.retriable
         connection.close()
-    finally:
-        if how == "frozen":
-            os.kill(process.pid, signal.SIGCONT)
-        stop_all([process])
 
 
 def test_generation_survives_a_server_killed_mid_way_with_the_same_output(tiny_model_dirs):
@@ -173,10 +170,7 @@ def test_generation_survives_a_server_killed_mid_way_with_the_same_output(tiny_m
     takes blocks 2:6 (C entering mid-span), the steps so far are replayed, and the tokens equal
     transformers' greedy output. With no server left for those blocks, the error says so."""
     directory = tiny_model_dirs["llama"]
-    processes = [subprocess.Popen(serve_command(str(directory), a, b, ["--threads", "1"]), stdout=subprocess.PIPE,
-                                  text=True) for a, b in [(0, 2), (2, 6), (1, 6)]]
-    try:
-        by_address = {wait_ready(p, 120): p for p in processes}
+    with server_processes(str(directory), [(0, 2), (2, 6), (1, 6)], ["--threads", "1"]) as by_address:
         model = DistributedModel.from_servers(list(by_address), model=str(directory))
         victim = model.chain[1].address
         prompt = [3, 14, 15, 92, 65, 35]
@@ -195,18 +189,13 @@ def test_generation_survives_a_server_killed_mid_way_with_the_same_output(tiny_m
         victim = survivor.address
         with pytest.raises(PeerGone, match="no other chain is left for blocks 2 on"):
             model.generate(prompt, max_new_tokens=16, stop_at_eos=False, on_token=kill_after_five())
-    finally:
-        stop_all(processes)
 
 
 def test_concurrent_sessions_all_recover_from_one_failure(tiny_model_dirs):
     """Four generations in threads share the model; a server they all use is killed mid-way.
     Each one repairs itself (one shared reroute, under a lock) and ends with its correct tokens."""
     directory = tiny_model_dirs["llama"]
-    processes = [subprocess.Popen(serve_command(str(directory), a, b, ["--threads", "1"]), stdout=subprocess.PIPE,
-                                  text=True) for a, b in [(0, 3), (3, 6), (3, 6)]]
-    try:
-        by_address = {wait_ready(p, 120): p for p in processes}
+    with server_processes(str(directory), [(0, 3), (3, 6), (3, 6)], ["--threads", "1"]) as by_address:
         model = DistributedModel.from_servers(list(by_address), model=str(directory))
         victim = by_address[model.chain[1].address]
         prompts = [[(5 * i + j) % 128 for j in range(4 + i)] for i in range(4)]
@@ -232,8 +221,6 @@ def test_concurrent_sessions_all_recover_from_one_failure(tiny_model_dirs):
         assert not errors
         assert [r.token_ids for r in results] == expected
         assert all(len(r.repairs) == 1 for r in results) and len(model.infos) == 2
-    finally:
-        stop_all(processes)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2", "bloom"])

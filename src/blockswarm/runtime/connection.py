@@ -50,7 +50,7 @@ class _Link:
 
     def forget_losses(self) -> None:
         """Drop loss events from before a request: a server that came back answers for itself."""
-        while self.monitor.poll(0):
+        while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:  # no poller: this runs before every request
             self.monitor.recv_multipart()
 
     def ready(self, timeout_ms: int) -> bool:

@@ -29,11 +29,19 @@ def serve_command(model: str, start: int, end: int, extra: list[str] = ()) -> li
 @contextlib.contextmanager
 def local_swarm(model: str, spans: list[tuple[int, int]], extra_args: list[str] = (), timeout_s: float = 180.0):
     """Yields the servers' addresses in span order once every one has printed READY."""
+    with server_processes(model, spans, extra_args, timeout_s) as servers:
+        yield list(servers)
+
+
+@contextlib.contextmanager
+def server_processes(model: str, spans: list[tuple[int, int]], extra_args: list[str] = (),
+                     timeout_s: float = 180.0):
+    """Like local_swarm, but yields {address: process} for callers that signal servers (failure tests)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     processes = [subprocess.Popen(serve_command(model, a, b, list(extra_args)), stdout=subprocess.PIPE,
                                   stderr=None, text=True, env=env) for a, b in spans]
     try:
-        yield [wait_ready(p, timeout_s) for p in processes]
+        yield {wait_ready(p, timeout_s): p for p in processes}
     finally:
         stop_all(processes)
 
