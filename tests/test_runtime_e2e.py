@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import msgpack
 import pytest
@@ -189,6 +190,21 @@ def test_generation_survives_a_server_killed_mid_way_with_the_same_output(tiny_m
         victim = survivor.address
         with pytest.raises(PeerGone, match="no other chain is left for blocks 2 on"):
             model.generate(prompt, max_new_tokens=16, stop_at_eos=False, on_token=kill_after_five())
+
+
+def test_a_session_that_expired_while_idle_is_rebuilt_with_the_same_output(tiny_model_dirs):
+    """Servers that forget sessions idle for 1 s; the generation pauses 2 s after a few tokens.
+    The servers answer `unknown session`; the client reopens and replays, and the tokens are right."""
+    directory = tiny_model_dirs["llama"]
+    with local_swarm(str(directory), [(0, 3), (3, 6)], ["--threads", "1", "--session-timeout", "1"]) as addresses:
+        model = DistributedModel.from_servers(addresses, model=str(directory))
+        prompt = [3, 14, 15, 92, 65, 35]
+        tokens = iter(range(100))
+        result = model.generate(prompt, max_new_tokens=12, stop_at_eos=False,
+                                on_token=lambda *_: next(tokens) == 3 and time.sleep(2.0))
+        assert result.token_ids == reference_greedy(directory, prompt, 12)
+        assert len(result.repairs) == 1 and "no longer had the session" in result.repairs[0]
+        assert [h.address for h in result.chain] == addresses  # the same servers, not a failover
 
 
 def test_concurrent_sessions_all_recover_from_one_failure(tiny_model_dirs):

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, BlockswarmError, Infeasible, PeerGone, Timeout
+from blockswarm.core.errors import BadRequest, BlockswarmError, Infeasible, PeerGone, Timeout, UnknownSession
 from blockswarm.model.head import ClientHead
 from blockswarm.model.sampling import SamplingParams, next_token
 from blockswarm.runtime.chain import Hop, choose_chain
@@ -87,7 +87,7 @@ class InferenceSession:
             begin = time.perf_counter()
             try:
                 header, out = connection.request("step", (hidden,), session=self.session_id, step=self._step_id)
-            except (PeerGone, Timeout) as failure:
+            except (PeerGone, Timeout, UnknownSession) as failure:
                 self._recover(index, failure)
                 continue  # the same step, on the hop that replaced the failed one
             timing.round_trip_s.append(time.perf_counter() - begin)
@@ -118,20 +118,29 @@ class InferenceSession:
                 replay = connection.replay(replay, session=self.session_id)
 
     def _recover(self, index: int, failure: BlockswarmError) -> None:
-        """Replace the failed hop at `index` and everything after it, or re-raise the failure."""
+        """Rebuild the chain from the failed hop at `index` on, or re-raise the failure. A server
+        that is gone is replaced; one that answers but no longer knows the session (it restarted,
+        or the session sat idle past its timeout) gets the session back, replayed."""
         while True:
             failed = self.chain[index]
-            if self._reroute is None or len(self.repairs) >= self._max_repairs:
+            if len(self.repairs) >= self._max_repairs:
                 raise failure
-            try:
-                tail = self._reroute(failed.start, failed.address)
-            except Infeasible as exc:
-                raise PeerGone(f"{failure}; no other chain is left for blocks {failed.start} on ({exc})") from None
-            self.repairs.append(
-                f"{failed.address} failed ({failure}); blocks from {failed.start} on moved to "
-                + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in tail)
-                + f", {len(self.sent[index])} step(s) replayed")
-            self.connections[index].close()  # no goodbye to a server that is gone
+            if isinstance(failure, UnknownSession):
+                tail = self.chain[index:]
+                self.repairs.append(f"{failed.address} no longer had the session ({failure}); reopened from there, "
+                                    f"{len(self.sent[index])} step(s) replayed")
+            else:
+                if self._reroute is None:
+                    raise failure
+                try:
+                    tail = self._reroute(failed.start, failed.address)
+                except Infeasible as exc:
+                    raise PeerGone(f"{failure}; no other chain is left for blocks {failed.start} on ({exc})") from None
+                self.repairs.append(
+                    f"{failed.address} failed ({failure}); blocks from {failed.start} on moved to "
+                    + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in tail)
+                    + f", {len(self.sent[index])} step(s) replayed")
+                self.connections[index].close()  # no goodbye to a server that is gone
             try:
                 self._attach(index, tail, replay=self.sent[index])
                 return
