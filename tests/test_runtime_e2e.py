@@ -13,7 +13,9 @@ import pytest
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, PeerGone, TooLarge, UnknownSession
+from blockswarm.core.errors import (
+    BadRequest, CacheFull, Infeasible, LengthExceeded, PeerGone, TooLarge, UnknownSession,
+)
 from blockswarm.runtime.client import DistributedModel
 from blockswarm.runtime.connection import Connection
 from blockswarm.runtime.launcher import local_swarm, server_processes
@@ -92,15 +94,29 @@ def still_serves(directory, addresses):
     assert len(model.generate([1, 2, 3], max_new_tokens=3, stop_at_eos=False).token_ids) == 3
 
 
+def free_address() -> str:
+    import socket as sockets
+
+    with sockets.socket() as probe:  # free a moment ago, so nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_servers_that_do_not_answer_are_skipped_while_the_others_cover_the_model(swarm):
+    directory, addresses = swarm
+    nobody = free_address()
+    model = DistributedModel.from_servers([*addresses, nobody], model=str(directory))
+    assert [h.address for h in model.chain] == addresses and nobody not in model.infos
+    with pytest.raises(Infeasible, match=f"do not cover blocks 0:6 .*not answering: {nobody}"):
+        DistributedModel.from_servers([addresses[0], nobody], model=str(directory))
+
+
 def test_info_command_lists_what_each_server_holds_and_who_is_down(swarm, tmp_path):
     import json
-    import socket as sockets
     import sys
 
     _, addresses = swarm
-    with sockets.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        nobody = f"127.0.0.1:{probe.getsockname()[1]}"
+    nobody = free_address()
     run = subprocess.run([sys.executable, "-m", "blockswarm", "info", "--servers", ",".join([*addresses, nobody]),
                           "--json", str(tmp_path / "info.json")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1, run.stderr

@@ -9,6 +9,7 @@ what they had been sent, so generation goes on with the same output.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import threading
 import time
@@ -25,6 +26,8 @@ from blockswarm.model.sampling import SamplingParams, next_token
 from blockswarm.runtime.chain import Hop, choose_chain
 from blockswarm.runtime.connection import Connection, fetch_info
 from blockswarm.runtime.protocol import DTYPE_NAMES, ServerInfo
+
+log = logging.getLogger("blockswarm.client")
 
 
 @dataclass
@@ -207,8 +210,20 @@ class DistributedModel:
             raise BadRequest("give at least one server address (host:port)")
         context = zmq.Context.instance()
         head = ClientHead.load(model)
-        infos = {address: fetch_info(context, address) for address in addresses}
-        return cls(head, infos, context, timeout_s)
+        infos, down = {}, {}
+        for address in addresses:
+            try:
+                infos[address] = fetch_info(context, address)
+            except PeerGone as exc:
+                down[address] = str(exc)
+        if not infos:
+            raise PeerGone("no server answers: " + "; ".join(down.values()))
+        for reason in down.values():  # the others may still cover the model
+            log.warning("skipping a server: %s", reason)
+        try:
+            return cls(head, infos, context, timeout_s)
+        except Infeasible as exc:
+            raise Infeasible(f"{exc}; not answering: {', '.join(down)}" if down else str(exc)) from None
 
     def _check_servers(self) -> None:
         dtype = DTYPE_NAMES[self.head.dtype]
