@@ -223,6 +223,31 @@ def test_a_session_that_expired_while_idle_is_rebuilt_with_the_same_output(tiny_
         assert [h.address for h in result.chain] == addresses  # the same servers, not a failover
 
 
+def test_a_full_server_is_passed_over_for_another_holding_the_same_blocks(tiny_model_dirs):
+    """Two servers hold blocks 0:3 with room for one 20-token session each. The second session
+    finds the first choice full and opens on the other; a third finds both full and gets a
+    retriable cache_full that says so. Once a session closes, there is room again."""
+    directory = tiny_model_dirs["llama"]
+    small = ["--threads", "1", "--cache-tokens", "32"]
+    with server_processes(str(directory), [(0, 3), (0, 3)], small) as front, \
+            local_swarm(str(directory), [(3, 6)], ["--threads", "1"]) as back:
+        model = DistributedModel.from_servers([*front, *back], model=str(directory))
+        first = model.session(20)
+        second = model.session(20)
+        assert first.chain[0].address != second.chain[0].address
+        assert len(second.repairs) == 1 and "had no cache room" in second.repairs[0]
+        with pytest.raises(CacheFull, match="no other server holding blocks 0 on has room now; retry later") as full:
+            model.session(20)
+        assert full.value.retriable
+        first.close()
+        third = model.session(20)
+        hidden = torch.zeros(1, 3, 64)
+        assert third.step(hidden).shape == hidden.shape
+        third.close()
+        second.close()
+        assert len(model.infos) == 3  # nobody was forgotten: full is not gone
+
+
 def test_concurrent_sessions_all_recover_from_one_failure(tiny_model_dirs):
     """Four generations in threads share the model; a server they all use is killed mid-way.
     Each one repairs itself (one shared reroute, under a lock) and ends with its correct tokens."""

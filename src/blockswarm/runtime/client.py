@@ -20,7 +20,9 @@ from typing import Callable
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, BlockswarmError, Infeasible, PeerGone, Timeout, UnknownSession
+from blockswarm.core.errors import (
+    BadRequest, BlockswarmError, CacheFull, Infeasible, PeerGone, Timeout, UnknownSession,
+)
 from blockswarm.model.head import ClientHead
 from blockswarm.model.sampling import SamplingParams, next_token
 from blockswarm.runtime.chain import Hop, choose_chain
@@ -48,7 +50,8 @@ class HopTiming:
         return [s - c for s, c in zip(self.server_s, self.compute_s)]
 
 
-Reroute = Callable[[int, str], list[Hop]]  # (block where the failed hop started, its address) -> new tail
+# (first block of the failed hop, servers this session avoids, a server gone for good or None) -> new tail
+Reroute = Callable[[int, frozenset[str], str | None], list[Hop]]
 
 
 class InferenceSession:
@@ -71,11 +74,12 @@ class InferenceSession:
         self.position = 0
         self._context, self._timeout_s = context, timeout_s
         self._reroute, self._max_repairs = reroute, max_repairs
+        self._avoid: set[str] = set()  # servers that failed this session or had no cache room for it
         self._step_id = 0
         try:
             try:
                 self._attach(0, chain, replay=[])
-            except (PeerGone, Timeout) as failure:
+            except (PeerGone, Timeout, CacheFull) as failure:
                 self._recover(len(self.chain) - 1, failure)
         except BaseException:
             self.close()
@@ -122,8 +126,9 @@ class InferenceSession:
 
     def _recover(self, index: int, failure: BlockswarmError) -> None:
         """Rebuild the chain from the failed hop at `index` on, or re-raise the failure. A server
-        that is gone is replaced; one that answers but no longer knows the session (it restarted,
-        or the session sat idle past its timeout) gets the session back, replayed."""
+        that is gone is replaced (and forgotten), one with no cache room for the session is
+        avoided by it, and one that answers but no longer knows the session (it restarted, or the
+        session sat idle past its timeout) gets the session back, replayed."""
         while True:
             failed = self.chain[index]
             if len(self.repairs) >= self._max_repairs:
@@ -135,19 +140,25 @@ class InferenceSession:
             else:
                 if self._reroute is None:
                     raise failure
+                full = isinstance(failure, CacheFull)
+                self._avoid.add(failed.address)
                 try:
-                    tail = self._reroute(failed.start, failed.address)
+                    tail = self._reroute(failed.start, frozenset(self._avoid), None if full else failed.address)
                 except Infeasible as exc:
+                    if full:
+                        raise CacheFull(f"{failure}; no other server holding blocks {failed.start} on has room now; "
+                                        "retry later") from None
                     raise PeerGone(f"{failure}; no other chain is left for blocks {failed.start} on ({exc})") from None
                 self.repairs.append(
-                    f"{failed.address} failed ({failure}); blocks from {failed.start} on moved to "
+                    f"{failed.address} {'had no cache room' if full else 'failed'} ({failure}); "
+                    f"blocks from {failed.start} on moved to "
                     + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in tail)
                     + f", {len(self.sent[index])} step(s) replayed")
                 self.connections[index].close()  # no goodbye to a server that is gone
             try:
                 self._attach(index, tail, replay=self.sent[index])
                 return
-            except (PeerGone, Timeout) as again:
+            except (PeerGone, Timeout, CacheFull) as again:
                 index, failure = len(self.chain) - 1, again
 
     def _drop_from(self, index: int) -> None:
@@ -237,15 +248,18 @@ class DistributedModel:
     def session(self, max_length: int) -> InferenceSession:
         return InferenceSession(self.context, self.chain, max_length, self.timeout_s, reroute=self._reroute)
 
-    def _reroute(self, start: int, failed: str) -> list[Hop]:
-        """Forget a failed server; the best tail of a chain from block `start` over those left."""
+    def _reroute(self, start: int, avoid: frozenset[str], gone: str | None) -> list[Hop]:
+        """Forget a server that is gone; the best tail of a chain from block `start` over the
+        servers left, less those the asking session avoids."""
         with self._lock:
-            self.infos.pop(failed, None)
-            try:
-                self.chain = choose_chain(self.infos, self.head.num_blocks)
-            except Infeasible:
-                pass  # the tail below may still exist; new sessions will report what is missing
-            return choose_chain(self.infos, self.head.num_blocks, start=start)
+            if gone is not None:
+                self.infos.pop(gone, None)
+                try:
+                    self.chain = choose_chain(self.infos, self.head.num_blocks)
+                except Infeasible:
+                    pass  # the tail below may still exist; new sessions will report what is missing
+            usable = {address: info for address, info in self.infos.items() if address not in avoid}
+            return choose_chain(usable, self.head.num_blocks, start=start)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
                  chat_template: bool = True, stop_at_eos: bool = True,
