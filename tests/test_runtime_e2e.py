@@ -300,3 +300,13 @@ def test_a_fixed_data_port_is_used_and_reported(tiny_model_dirs):
         model = DistributedModel.from_servers([address], model=str(directory))
         assert model.infos[address].data_port == free
         assert len(model.generate([1, 2, 3], max_new_tokens=2, stop_at_eos=False).token_ids) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for machines without a GPU")
+def test_serve_on_a_missing_gpu_is_a_clear_error(tiny_model_dirs):
+    import sys
+
+    for device, message in [("cuda", "sees no CUDA GPU; use --device cpu"), ("gpu", "is not a torch device")]:
+        run = subprocess.run([sys.executable, "-m", "blockswarm", "serve", "--model", str(tiny_model_dirs["llama"]),
+                              "--blocks", "0:2", "--device", device], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr

@@ -17,11 +17,12 @@ class SpanProfile:
     block_prefill_base_s: float
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, synchronize) -> float:
     times = []
     for _ in range(repeats):
         begin = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - begin)
     return sorted(times)[len(times) // 2]
 
@@ -29,17 +30,19 @@ def _median_seconds(fn, repeats: int) -> float:
 def measure(span: Span, repeats: int = 5, short: int = 16, long: int = 64) -> SpanProfile:
     """Time decode steps after a short prefill, and prefills of two lengths, on a scratch cache."""
     blocks = span.end - span.start
-    hidden = torch.randn(1, long, span.hidden_size, dtype=span.dtype, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, long, span.hidden_size, dtype=span.dtype,
+                         generator=torch.Generator().manual_seed(0)).to(span.device)
 
     def prefill(n: int):
         span.forward(hidden[:, :n], span.new_cache())
 
     prefill(short)  # warm up kernels and allocator
-    t_short, t_long = _median_seconds(lambda: prefill(short), repeats), _median_seconds(lambda: prefill(long), repeats)
+    t_short = _median_seconds(lambda: prefill(short), repeats, span.synchronize)
+    t_long = _median_seconds(lambda: prefill(long), repeats, span.synchronize)
     cache = span.new_cache()
     span.forward(hidden[:, :short], cache)
     token = hidden[:, :1]
-    decode = _median_seconds(lambda: span.forward(token, cache), repeats * 2)
+    decode = _median_seconds(lambda: span.forward(token, cache), repeats * 2, span.synchronize)
     slope = max(t_long - t_short, 0.0) / (long - short)
     base = max(t_short - slope * short, 0.0)
     return SpanProfile(decode / blocks, slope / blocks, base / blocks)

@@ -63,6 +63,7 @@ class Span:
         self.start, self.end = start, end
         self.blocks, self.rotary = blocks, rotary
         self.dtype, self.device = dtype, device
+        self._on_cuda = torch.device(device).type == "cuda"
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_blocks(config)
         self._layer_types = layer_types[start:end]
 
@@ -87,6 +88,11 @@ class Span:
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished queued work, so timings include it (no-op on CPU)."""
+        if self._on_cuda:
+            torch.cuda.synchronize(self.device)
 
     def new_cache(self) -> SpanCache:
         return SpanCache(DynamicCache(config=self.config))

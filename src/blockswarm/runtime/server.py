@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, BlockswarmError
+from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError
 from blockswarm.model.checkpoint import model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
@@ -57,6 +57,7 @@ class Server:
     def load(cls, config: ServeConfig) -> "Server":
         if config.dtype not in DTYPES:
             raise BadRequest(f"--dtype must be one of {sorted(DTYPES)}")
+        _check_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         path = resolve_model(config.model)
@@ -178,6 +179,7 @@ class Server:
         self.table.check_step(session, session.cache.length, hidden.shape[1])
         begin = time.perf_counter()
         out = self.span.forward(hidden.to(self.span.device), session.cache, first=session.start)
+        self.span.synchronize()  # on a GPU the compute is queued; count it as compute, not transport
         return ok(rid, step=header.get("step"), compute_s=time.perf_counter() - begin), (out,)
 
 
@@ -195,6 +197,17 @@ def run_server(config: ServeConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     server.serve(announce)
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
 
 
 def _bound_router(context: zmq.Context, host: str, port: int):
