@@ -70,7 +70,9 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     chat_template: bool = typer.Option(True, help="Wrap the prompt in the model's chat template."),
 ):
-    """Generate text through a chain of servers: text on stdout, route and timings on stderr."""
+    """Generate text through a chain of servers: text on stdout, route and timings on stderr.
+
+    List spare servers too: one that fails mid-generation is replaced, and the output stays the same."""
     from blockswarm.core.errors import BlockswarmError
     from blockswarm.model.sampling import SamplingParams
     from blockswarm.runtime.client import DistributedModel
