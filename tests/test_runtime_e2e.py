@@ -102,6 +102,18 @@ def free_address() -> str:
         return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
+def test_a_client_holds_hundreds_of_sessions_at_once(swarm):
+    """150 open sessions over 3 hops hold 1,800 sockets, past ZeroMQ's default cap of 1,023 per
+    context; the client's context is sized for it. Each session then steps and closes."""
+    directory, addresses = swarm
+    model = DistributedModel.from_servers(addresses, model=str(directory))
+    sessions = [model.session(8) for _ in range(150)]
+    hidden = torch.zeros(1, 2, 64)
+    for session in sessions:
+        assert session.step(hidden).shape == hidden.shape
+        session.close()
+
+
 def test_servers_that_do_not_answer_are_skipped_while_the_others_cover_the_model(swarm):
     directory, addresses = swarm
     nobody = free_address()

@@ -98,12 +98,10 @@ def info(
     """Ask servers what they hold and how loaded they are; exit code 1 if any does not answer."""
     import json
 
-    import zmq
-
     from blockswarm.core.errors import BlockswarmError
-    from blockswarm.runtime.connection import fetch_info
+    from blockswarm.runtime.connection import client_context, fetch_info
 
-    context = zmq.Context.instance()
+    context = client_context()
     answers, down = {}, {}
     for address in [s.strip() for s in servers.split(",") if s.strip()]:
         try:

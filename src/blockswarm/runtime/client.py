@@ -26,7 +26,7 @@ from blockswarm.core.errors import (
 from blockswarm.model.head import ClientHead
 from blockswarm.model.sampling import SamplingParams, next_token
 from blockswarm.runtime.chain import Hop, choose_chain
-from blockswarm.runtime.connection import Connection, fetch_info
+from blockswarm.runtime.connection import Connection, client_context, fetch_info
 from blockswarm.runtime.protocol import DTYPE_NAMES, ServerInfo
 
 log = logging.getLogger("blockswarm.client")
@@ -209,7 +209,7 @@ class DistributedModel:
     def __init__(self, head: ClientHead, infos: dict[str, ServerInfo], context: zmq.Context | None = None,
                  timeout_s: float = 60.0):
         self.head, self.infos = head, dict(infos)
-        self.context = context or zmq.Context.instance()
+        self.context = context or client_context()
         self.timeout_s = timeout_s
         self._check_servers()
         self.chain = choose_chain(self.infos, head.num_blocks)
@@ -219,7 +219,7 @@ class DistributedModel:
     def from_servers(cls, addresses: list[str], model: str = "smollm2", timeout_s: float = 60.0) -> "DistributedModel":
         if not addresses:
             raise BadRequest("give at least one server address (host:port)")
-        context = zmq.Context.instance()
+        context = client_context()
         head = ClientHead.load(model)
         infos, down = {}, {}
         for address in addresses:

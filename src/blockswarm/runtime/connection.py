@@ -17,7 +17,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from blockswarm.core.errors import BadRequest, PeerGone, Timeout
+from blockswarm.core.errors import BadRequest, BlockswarmError, PeerGone, Timeout
 from blockswarm.runtime.protocol import ServerInfo, decode, encode, raise_if_error
 
 
@@ -33,16 +33,32 @@ def parse_address(address: str) -> tuple[str, int]:
 LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
+def client_context() -> zmq.Context:
+    """A ZeroMQ context for one client. Every hop of every session holds four sockets (control
+    and data DEALERs, each with a monitor), so many concurrent sessions pass ZeroMQ's default
+    cap of 1023 sockets per context; this one allows as many as the platform does."""
+    context = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, context.get(zmq.SOCKET_LIMIT))
+    return context
+
+
 class _Link:
     """One DEALER socket with heartbeats, and the monitor that reports its connection's losses."""
 
     def __init__(self, context: zmq.Context, endpoint: str, heartbeat_s: float):
-        self.socket = context.socket(zmq.DEALER)
+        try:
+            self.socket = context.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:
+            raise _out_of_sockets(exc) from None
         self.socket.setsockopt(zmq.LINGER, 0)
         interval_ms = max(1, int(heartbeat_s * 1000))
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * interval_ms)
-        self.monitor = self.socket.get_monitor_socket(LOST_EVENTS)  # before connect: no event missed
+        try:
+            self.monitor = self.socket.get_monitor_socket(LOST_EVENTS)  # before connect: no event missed
+        except zmq.ZMQError as exc:
+            self.socket.close(linger=0)
+            raise _out_of_sockets(exc) from None
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -64,6 +80,11 @@ class _Link:
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)
+
+
+def _out_of_sockets(exc: zmq.ZMQError) -> BlockswarmError:
+    return BlockswarmError(f"cannot open another connection ({exc}): every hop of every open session holds "
+                           "a few sockets and file descriptors; close sessions or raise `ulimit -n`")
 
 
 class _Lost(Exception):
