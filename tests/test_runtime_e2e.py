@@ -112,6 +112,8 @@ def test_a_client_holds_hundreds_of_sessions_at_once(swarm):
     for session in sessions:
         assert session.step(hidden).shape == hidden.shape
         session.close()
+    model.close()
+    assert model.context.closed
 
 
 def test_servers_that_do_not_answer_are_skipped_while_the_others_cover_the_model(swarm):

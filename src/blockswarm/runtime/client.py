@@ -209,6 +209,7 @@ class DistributedModel:
     def __init__(self, head: ClientHead, infos: dict[str, ServerInfo], context: zmq.Context | None = None,
                  timeout_s: float = 60.0):
         self.head, self.infos = head, dict(infos)
+        self._owns_context = context is None
         self.context = context or client_context()
         self.timeout_s = timeout_s
         self._check_servers()
@@ -219,22 +220,39 @@ class DistributedModel:
     def from_servers(cls, addresses: list[str], model: str = "smollm2", timeout_s: float = 60.0) -> "DistributedModel":
         if not addresses:
             raise BadRequest("give at least one server address (host:port)")
-        context = client_context()
         head = ClientHead.load(model)
-        infos, down = {}, {}
-        for address in addresses:
-            try:
-                infos[address] = fetch_info(context, address)
-            except PeerGone as exc:
-                down[address] = str(exc)
-        if not infos:
-            raise PeerGone("no server answers: " + "; ".join(down.values()))
-        for reason in down.values():  # the others may still cover the model
-            log.warning("skipping a server: %s", reason)
+        context = client_context()
         try:
-            return cls(head, infos, context, timeout_s)
-        except Infeasible as exc:
-            raise Infeasible(f"{exc}; not answering: {', '.join(down)}" if down else str(exc)) from None
+            infos, down = {}, {}
+            for address in addresses:
+                try:
+                    infos[address] = fetch_info(context, address)
+                except PeerGone as exc:
+                    down[address] = str(exc)
+            if not infos:
+                raise PeerGone("no server answers: " + "; ".join(down.values()))
+            for reason in down.values():  # the others may still cover the model
+                log.warning("skipping a server: %s", reason)
+            try:
+                built = cls(head, infos, context, timeout_s)
+            except Infeasible as exc:
+                raise Infeasible(f"{exc}; not answering: {', '.join(down)}" if down else str(exc)) from None
+        except BaseException:
+            context.destroy(linger=0)
+            raise
+        built._owns_context = True
+        return built
+
+    def close(self) -> None:
+        """Release the ZeroMQ context this model made (close its sessions first)."""
+        if self._owns_context and not self.context.closed:
+            self.context.destroy(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _check_servers(self) -> None:
         dtype = DTYPE_NAMES[self.head.dtype]
