@@ -23,6 +23,10 @@ class Hop:
     end: int
 
 
+def describe(hops: list[Hop]) -> str:
+    return " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in hops)
+
+
 def choose_chain(infos: dict[str, ServerInfo], num_blocks: int, start: int = 0) -> list[Hop]:
     """The whole chain, or (start > 0) the tail that replaces a chain's hops from block `start` on."""
     addresses = sorted(infos)

@@ -25,7 +25,7 @@ from blockswarm.core.errors import (
 )
 from blockswarm.model.head import ClientHead
 from blockswarm.model.sampling import SamplingParams, next_token
-from blockswarm.runtime.chain import Hop, choose_chain
+from blockswarm.runtime.chain import Hop, choose_chain, describe
 from blockswarm.runtime.connection import Connection, client_context, fetch_info
 from blockswarm.runtime.protocol import DTYPE_NAMES, ServerInfo
 
@@ -52,6 +52,8 @@ class HopTiming:
 
 # (first block of the failed hop, servers this session avoids, a server gone for good or None) -> new tail
 Reroute = Callable[[int, frozenset[str], str | None], list[Hop]]
+# failures a session repairs: a server gone or silent, one without cache room, one that lost the session
+REPAIRABLE = (PeerGone, Timeout, CacheFull, UnknownSession)
 
 
 class InferenceSession:
@@ -79,7 +81,7 @@ class InferenceSession:
         try:
             try:
                 self._attach(0, chain, replay=[])
-            except (PeerGone, Timeout, CacheFull) as failure:
+            except REPAIRABLE as failure:
                 self._recover(len(self.chain) - 1, failure)
         except BaseException:
             self.close()
@@ -94,7 +96,7 @@ class InferenceSession:
             begin = time.perf_counter()
             try:
                 header, out = connection.request("step", (hidden,), session=self.session_id, step=self._step_id)
-            except (PeerGone, Timeout, UnknownSession) as failure:
+            except REPAIRABLE as failure:
                 self._recover(index, failure)
                 continue  # the same step, on the hop that replaced the failed one
             timing.round_trip_s.append(time.perf_counter() - begin)
@@ -110,8 +112,8 @@ class InferenceSession:
 
     def _attach(self, index: int, hops: list[Hop], replay: list[torch.Tensor]) -> None:
         """Make `hops` the chain from position `index` on: open their sessions and replay into
-        them what that part of the chain was sent so far. Raises PeerGone/Timeout if one fails;
-        the failed hop is then the last one in the chain."""
+        them what that part of the chain was sent so far. Raises a REPAIRABLE failure if a hop
+        fails; the failed hop is then the last one in the chain."""
         self._drop_from(index)
         for hop in hops:
             self.chain.append(hop)
@@ -151,14 +153,13 @@ class InferenceSession:
                     raise PeerGone(f"{failure}; no other chain is left for blocks {failed.start} on ({exc})") from None
                 self.repairs.append(
                     f"{failed.address} {'had no cache room' if full else 'failed'} ({failure}); "
-                    f"blocks from {failed.start} on moved to "
-                    + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in tail)
-                    + f", {len(self.sent[index])} step(s) replayed")
+                    f"blocks from {failed.start} on moved to {describe(tail)}, "
+                    f"{len(self.sent[index])} step(s) replayed")
                 self.connections[index].close()  # no goodbye to a server that is gone
             try:
                 self._attach(index, tail, replay=self.sent[index])
                 return
-            except (PeerGone, Timeout, CacheFull) as again:
+            except REPAIRABLE as again:
                 index, failure = len(self.chain) - 1, again
 
     def _drop_from(self, index: int) -> None:

@@ -18,7 +18,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadRequest, BlockswarmError, PeerGone, Timeout
-from blockswarm.runtime.protocol import ServerInfo, decode, encode, raise_if_error
+from blockswarm.runtime.protocol import (
+    HEARTBEAT_MISSES, HEARTBEAT_S, ServerInfo, decode, encode, keep_alive, raise_if_error,
+)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -51,9 +53,7 @@ class _Link:
         except zmq.ZMQError as exc:
             raise _out_of_sockets(exc) from None
         self.socket.setsockopt(zmq.LINGER, 0)
-        interval_ms = max(1, int(heartbeat_s * 1000))
-        self.socket.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * interval_ms)
+        keep_alive(self.socket, heartbeat_s)
         try:
             self.monitor = self.socket.get_monitor_socket(LOST_EVENTS)  # before connect: no event missed
         except zmq.ZMQError as exc:
@@ -97,10 +97,10 @@ class Connection:
     """Control requests go to the server's control port; steps to its data port, which the
     `open` reply names. While a decode step is expected back, the connection spins for a
     moment instead of sleeping: waking a sleeping thread costs ~0.2-0.5 ms on a VM.
-    `heartbeat_s`: how often ZeroMQ pings the server; three unanswered pings mean it is gone."""
+    `heartbeat_s`: how often ZeroMQ pings the server; HEARTBEAT_MISSES unanswered pings mean it is gone."""
 
     def __init__(self, context: zmq.Context, address: str, timeout_s: float = 60.0, spin_s: float = 0.002,
-                 heartbeat_s: float = 2.0):
+                 heartbeat_s: float = HEARTBEAT_S):
         self.host, port = parse_address(address)
         self.address = address
         self.timeout_s = timeout_s
@@ -197,7 +197,7 @@ class Connection:
         if event == zmq.EVENT_CONNECT_RETRIED:
             return f"nothing accepts connections at {self.address} (while waiting for {op!r}); is the server running?"
         return (f"lost the connection to {self.address} while waiting for {op!r}: the server stopped, "
-                f"or left {3 * self.heartbeat_s:g} s of heartbeats unanswered")
+                f"or left {HEARTBEAT_MISSES * self.heartbeat_s:g} s of heartbeats unanswered")
 
     def info(self, timeout_s: float | None = None) -> ServerInfo:
         header, _ = self.request("info", timeout_s=timeout_s)

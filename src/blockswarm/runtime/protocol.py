@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import msgpack
 import numpy as np
 import torch
+import zmq
 
 from blockswarm.core.errors import BadRequest, BlockswarmError, error_from_code
 
@@ -31,6 +32,15 @@ MAX_HEADER_BYTES = 64 * 1024
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 OPS = ("info", "open", "step", "close")
+HEARTBEAT_S = 2.0  # liveness: ZMTP pings this often on every socket...
+HEARTBEAT_MISSES = 3  # ...and a peer that leaves this many unanswered is gone
+
+
+def keep_alive(socket: zmq.Socket, interval_s: float = HEARTBEAT_S) -> None:
+    """Turn on ZeroMQ's heartbeats: the connection drops when the peer stops answering pings."""
+    interval_ms = max(1, int(interval_s * 1000))
+    socket.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_MISSES * interval_ms)
 
 
 @dataclass(frozen=True, slots=True)

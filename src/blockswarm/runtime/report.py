@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import statistics
 
+from blockswarm.runtime.chain import describe
+
 
 def timing_report(result) -> str:
     lines = [f"recovered: {repair}" for repair in result.repairs]
-    lines.append("route: " + " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in result.chain))
+    lines.append("route: " + describe(result.chain))
     n = len(result.token_ids)
     lines.append(f"tokens: {n}   time to first token: {result.ttft_s * 1e3:.1f} ms   "
                  f"per token (median): {result.median_token_s * 1e3:.1f} ms")

@@ -21,13 +21,12 @@ from blockswarm.model.checkpoint import model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
 from blockswarm.runtime.protocol import (
-    DTYPE_NAMES, DTYPES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply, ok,
+    DTYPE_NAMES, DTYPES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply, keep_alive, ok,
 )
 from blockswarm.runtime.sessions import SessionTable
 
 log = logging.getLogger("blockswarm.server")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-HEARTBEAT_MS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +213,7 @@ def _bound_router(context: zmq.Context, host: str, port: int):
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the peer, not us
-    socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)  # connections of vanished clients are dropped
-    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+    keep_alive(socket)  # connections of vanished clients are dropped
     if port:
         socket.bind(f"tcp://{host}:{port}")
     else:
