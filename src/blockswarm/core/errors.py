@@ -67,11 +67,30 @@ class PeerGone(Retriable):
     code = "peer_gone"
 
 
+class ServerError(Retriable):
+    """A server failed while computing a step and dropped the session; it can be opened again."""
+
+    code = "server_error"
+
+
+class BadPeer(Retriable):
+    """A server answered with something no honest server sends (a malformed reply, a wrong shape,
+    NaN or Inf, an internal error); the client moves its blocks elsewhere, as for a failed server."""
+
+    code = "bad_peer"
+
+
+class Refused(BlockswarmError):
+    """A peer refused us at the handshake (a private swarm without our key, or keys missing)."""
+
+    code = "refused"
+
+
 ERRORS_BY_CODE: dict[str, type[BlockswarmError]] = {
     cls.code: cls
     for cls in (
         BlockswarmError, BadRequest, UnknownSession, LengthExceeded, TooLarge, ConfigError,
-        Infeasible, Retriable, CacheFull, Timeout, PeerGone,
+        Infeasible, Retriable, CacheFull, Timeout, PeerGone, ServerError, BadPeer, Refused,
     )
 }
 

@@ -6,6 +6,12 @@ connections from one shared zmq.Context. A server that dies or stops answering i
 a reply is awaited, from ZeroMQ's own liveness signals: a dropped TCP connection, failed
 reconnects, or heartbeats (ZMTP PINGs, answered by the server's I/O thread even mid-compute)
 left unanswered. The request then fails with a retriable `PeerGone` at once, not at its deadline.
+
+A connection also holds the hop's session: `open` keeps the token the server minted and numbers
+the steps, so a caller never handles either. Replies are checked like requests are on the
+server: bounded in size, well formed, the right shape; a server that answers otherwise is a
+`BadPeer`, which the session treats like a failed server. In a private swarm every socket
+speaks CURVE with the key the client knows for that server (`security.py`).
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from blockswarm.core.errors import BadRequest, BlockswarmError, PeerGone, Timeout
+from blockswarm.core.errors import BadPeer, BadRequest, BlockswarmError, PeerGone, Refused, Timeout
 from blockswarm.runtime.protocol import (
-    HEARTBEAT_MISSES, HEARTBEAT_S, ServerInfo, decode, encode, keep_alive, raise_if_error,
+    HEARTBEAT_MISSES, HEARTBEAT_S, MAX_HEADER_BYTES, ServerInfo, decode, encode, keep_alive, raise_if_error,
 )
 
 
@@ -31,8 +37,10 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 # what tells a waiting client that its server is gone: the connection dropped (closed by the
-# peer, or heartbeats unanswered), or reconnecting to it failed
-LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+# peer, or heartbeats unanswered), or reconnecting to it failed; and that it refused us
+REFUSED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | REFUSED_EVENTS
 
 
 def client_context() -> zmq.Context:
@@ -47,13 +55,17 @@ def client_context() -> zmq.Context:
 class _Link:
     """One DEALER socket with heartbeats, and the monitor that reports its connection's losses."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, heartbeat_s: float):
+    def __init__(self, context: zmq.Context, endpoint: str, heartbeat_s: float, max_reply_bytes: int,
+                 secure=None):
         try:
             self.socket = context.socket(zmq.DEALER)
         except zmq.ZMQError as exc:
             raise _out_of_sockets(exc) from None
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_reply_bytes)  # a bigger reply drops the connection
         keep_alive(self.socket, heartbeat_s)
+        if secure is not None:
+            secure(self.socket)
         try:
             self.monitor = self.socket.get_monitor_socket(LOST_EVENTS)  # before connect: no event missed
         except zmq.ZMQError as exc:
@@ -73,7 +85,8 @@ class _Link:
         """True when a reply waits; False on timeout; raises _Lost when the connection is gone."""
         events = dict(self.poller.poll(timeout_ms))
         if self.monitor in events:
-            raise _Lost(recv_monitor_message(self.monitor)["event"])
+            event = recv_monitor_message(self.monitor)
+            raise _Lost(event["event"], event["value"])
         return self.socket in events
 
     def close(self) -> None:
@@ -88,35 +101,112 @@ def _out_of_sockets(exc: zmq.ZMQError) -> BlockswarmError:
 
 
 class _Lost(Exception):
-    def __init__(self, event: int):
+    def __init__(self, event: int, value: int = 0):
         super().__init__(event)
-        self.event = event
+        self.event, self.value = event, value
 
 
 class Connection:
     """Control requests go to the server's control port; steps to its data port, which the
     `open` reply names. While a decode step is expected back, the connection spins for a
     moment instead of sleeping: waking a sleeping thread costs ~0.2-0.5 ms on a VM.
-    `heartbeat_s`: how often ZeroMQ pings the server; HEARTBEAT_MISSES unanswered pings mean it is gone."""
+    `heartbeat_s`: how often ZeroMQ pings the server; HEARTBEAT_MISSES unanswered pings mean it is gone.
+    `keys`: a private swarm's client keys (`security.ClientKeys`), or None for an open swarm."""
 
     def __init__(self, context: zmq.Context, address: str, timeout_s: float = 60.0, spin_s: float = 0.002,
-                 heartbeat_s: float = HEARTBEAT_S):
+                 heartbeat_s: float = HEARTBEAT_S, keys=None):
         self.host, port = parse_address(address)
         self.address = address
         self.timeout_s = timeout_s
         self.spin_s = spin_s
         self.heartbeat_s = heartbeat_s
         self._context = context
-        self._control = self._connect(port)
+        self._secure = None
+        if keys is not None:
+            from blockswarm.runtime.security import secure_client
+
+            keys.server_key(address)  # unknown servers fail here, before any connection
+            self._secure = lambda socket: secure_client(socket, keys, address)
+        self._control = self._connect(port, MAX_HEADER_BYTES)
         self._data: _Link | None = None
+        self._data_port: int | None = None
         self._rids = itertools.count(1)
         self._expected_step_s: float | None = None  # last decode step's round trip
+        self.token: str | None = None  # the open session's token, minted by the server
+        self.steps = 0  # steps sent in the open session
 
-    def _connect(self, port: int) -> _Link:
-        return _Link(self._context, f"tcp://{self.host}:{port}", self.heartbeat_s)
+    def _connect(self, port: int, max_reply_bytes: int) -> _Link:
+        return _Link(self._context, f"tcp://{self.host}:{port}", self.heartbeat_s, max_reply_bytes, self._secure)
+
+    def open(self, start: int, max_length: int, step_bytes: int) -> dict:
+        """Open a session entering at block `start` for `max_length` tokens; `step_bytes`: the
+        largest step reply it can get (all its tokens at once). Re-learns the data port each time
+        (a restarted server has a new one)."""
+        header, _ = self.request("open", start=start, max_length=max_length)
+        token, port = header.get("session"), header.get("data_port")
+        if not isinstance(token, str) or not isinstance(port, int) or not 0 < port < 65536:
+            raise BadPeer(f"{self.address} answered 'open' without a session token and data port")
+        if self._data is None or port != self._data_port:
+            if self._data is not None:
+                self._data.close()
+            self._data = self._connect(port, step_bytes + MAX_HEADER_BYTES)
+            self._data_port = port
+        self.token, self.steps = token, 0
+        return header
+
+    def step(self, hidden: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Run one step of the open session; the reply is checked to be (1, n, d) like `hidden`."""
+        header, out = self.request("step", (hidden,), session=self._token(), step=self.steps + 1)
+        self.steps += 1
+        return header, self._checked(out, hidden)
+
+    def replay(self, steps: list[torch.Tensor], window: int = 64) -> list[torch.Tensor]:
+        """Run a session's earlier steps again, exactly as they were sent, up to `window` in flight
+        (the server answers them in order): rebuilding a session costs compute, not a round trip
+        per step. Returns each step's output."""
+        link = self._link("step")
+        link.forget_losses()
+        token = self._token()
+        outputs = []
+        for first in range(0, len(steps), window):
+            begin = time.perf_counter()
+            rids = []
+            for hidden in steps[first:first + window]:
+                rids.append(self._send(link, "step", (hidden,), {"session": token, "step": self.steps + 1}))
+                self.steps += 1
+            replies = self._receive(link, "step", set(rids), begin, self.timeout_s, None)
+            for rid, hidden in zip(rids, steps[first:first + window]):
+                header, out = replies[rid]
+                raise_if_error(header)
+                outputs.append(self._checked(out, hidden))
+        return outputs
+
+    def close_session(self, timeout_s: float = 2.0) -> None:
+        """Tell the server the session is over (best effort: idle sessions expire anyway)."""
+        token, self.token = self.token, None
+        if token is not None and not self.closed:
+            try:
+                self.request("close", session=token, timeout_s=timeout_s)
+            except BlockswarmError:
+                pass
+
+    def _token(self) -> str:
+        if self.token is None:
+            raise BadRequest(f"open a session on {self.address} before stepping")
+        return self.token
+
+    def _checked(self, out: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        if len(out) != 1 or out[0].shape != hidden.shape or out[0].dtype != hidden.dtype:
+            got = [(tuple(t.shape), str(t.dtype)) for t in out]
+            raise BadPeer(f"{self.address} answered a step with a malformed tensor ({got} for "
+                          f"{tuple(hidden.shape)} {hidden.dtype})")
+        if not torch.isfinite(out[0]).all():
+            raise BadPeer(f"{self.address} answered a step with NaN or Inf hidden states")
+        return out[0]
 
     def request(self, op: str, tensors: tuple[torch.Tensor, ...] = (), timeout_s: float | None = None,
                 **fields) -> tuple[dict, list[torch.Tensor]]:
+        """One request and its checked reply; raises the error the server answered with."""
         link = self._link(op)
         timeout_s = timeout_s or self.timeout_s
         link.forget_losses()
@@ -127,26 +217,7 @@ class Connection:
         header, out = self._receive(link, op, {rid}, begin, timeout_s, expected)[rid]
         if decode_step:
             self._expected_step_s = time.perf_counter() - begin
-        if op == "open" and header.get("ok") and isinstance(header.get("data_port"), int) and self._data is None:
-            self._data = self._connect(header["data_port"])
         return raise_if_error(header), out
-
-    def replay(self, steps: list[torch.Tensor], window: int = 64, **fields) -> list[torch.Tensor]:
-        """Run a session's earlier steps again, exactly as they were sent, up to `window` in flight
-        (the server answers them in order): rebuilding a session costs compute, not a round trip
-        per step. Returns each step's output."""
-        link = self._link("step")
-        link.forget_losses()
-        outputs = []
-        for first in range(0, len(steps), window):
-            begin = time.perf_counter()
-            rids = [self._send(link, "step", (hidden,), fields) for hidden in steps[first:first + window]]
-            replies = self._receive(link, "step", set(rids), begin, self.timeout_s, None)
-            for rid in rids:
-                header, out = replies[rid]
-                raise_if_error(header)
-                outputs.append(out[0])
-        return outputs
 
     def _link(self, op: str) -> _Link:
         if self._control is None:
@@ -171,12 +242,19 @@ class Connection:
                 if not self._wait(link, deadline, expected_s):
                     raise Timeout(f"{self.address} did not answer {op!r} within {timeout_s:g} s")
             except _Lost as lost:
+                if lost.event & REFUSED_EVENTS:
+                    raise Refused(self._refused_message(lost.event)) from None
                 raise PeerGone(self._lost_message(lost.event, op)) from None
-            header, out = decode(link.socket.recv_multipart())
+            try:
+                header, out = decode(link.socket.recv_multipart())
+            except BadRequest as exc:
+                raise BadPeer(f"{self.address} sent a reply that is not blockswarm's protocol: {exc}") from None
             rid = header.get("rid")
             if rid is None:  # the server could not even read which request it was
                 raise_if_error(header)
-                raise BadRequest(f"{self.address} answered without a request id")
+                raise BadPeer(f"{self.address} answered without a request id")
+            if header.get("code") == "internal":
+                raise BadPeer(f"{self.address} failed with an internal error: {str(header.get('message'))[:200]}")
             if rid in rids:  # replies to earlier timed-out requests are dropped
                 replies[rid] = (header, out)
         return replies
@@ -199,9 +277,22 @@ class Connection:
         return (f"lost the connection to {self.address} while waiting for {op!r}: the server stopped, "
                 f"or left {HEARTBEAT_MISSES * self.heartbeat_s:g} s of heartbeats unanswered")
 
+    def _refused_message(self, event: int) -> str:
+        if self._secure is None:
+            return (f"{self.address} refused the connection at the handshake: it is a private server; "
+                    "connect with --keys DIR/NAME and --known-servers FILE (its public key)")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"{self.address} refused our key: it is not in the server's --allow directory; "
+                    "ask its operator to add our public key file (NAME.key)")
+        return (f"the handshake with {self.address} failed: it is not private, or its key is not the one "
+                "--known-servers names for it (check the key file, or drop --keys for an open server)")
+
     def info(self, timeout_s: float | None = None) -> ServerInfo:
         header, _ = self.request("info", timeout_s=timeout_s)
-        return ServerInfo.from_wire(header)
+        try:
+            return ServerInfo.from_wire(header)
+        except BadRequest as exc:
+            raise BadPeer(f"{self.address} describes itself oddly: {exc}") from None
 
     @property
     def closed(self) -> bool:
@@ -215,8 +306,8 @@ class Connection:
         self._control = self._data = None
 
 
-def fetch_info(context: zmq.Context, address: str, timeout_s: float = 10.0) -> ServerInfo:
-    connection = Connection(context, address, timeout_s)
+def fetch_info(context: zmq.Context, address: str, timeout_s: float = 10.0, keys=None) -> ServerInfo:
+    connection = Connection(context, address, timeout_s, keys=keys)
     try:
         return connection.info()
     except Timeout as exc:

@@ -3,14 +3,18 @@
 A message is `[header, tensor_0, tensor_1, ...]`. The header is a msgpack map with `op` (what
 to do), `rid` (request id, echoed in the reply) and the op's fields; `tensors` lists each
 tensor frame's dtype and shape. Nothing is ever unpickled: tensors are rebuilt from raw bytes
-with the declared dtype and shape after checking that the sizes agree.
+with the declared dtype and shape after checking that the sizes agree, and every field from a
+peer is checked for type and range before use (`integer`, `text`, `ServerInfo.from_wire`).
 
 Ops and their fields:
 - `info` → `ServerInfo` fields.
-- `open` {session, start, end, max_length} → {reserved, data_port}: reserve KV cache for a
-  session that will compute blocks [start, end) for at most max_length tokens.
+- `open` {start, max_length} → {session, reserved, data_port}: reserve KV cache for a session
+  whose route enters this server at block `start` and computes to the end of its span, for at
+  most max_length tokens. `session` is the token the server minted for it: every later step and
+  close must carry it. (`end`, if sent, must be the span's end.)
 - `step` {session, step} + one tensor (1, n, hidden) → {step, compute_s} + one tensor. Steps
-  go to the server's data port (its compute thread), everything else to the control port.
+  are numbered 1, 2, 3, ... per session; they go to the server's data port (its compute
+  thread), everything else to the control port.
 - `close` {session} → {}.
 Replies carry `ok: true`, or `ok: false` with `code`, `message` and `retriable`, and
 `server_s`: the time from receiving the request to encoding the reply.
@@ -18,6 +22,7 @@ Replies carry `ok: true`, or `ok: false` with `code`, `message` and `retriable`,
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import msgpack
@@ -27,8 +32,11 @@ import zmq
 
 from blockswarm.core.errors import BadRequest, BlockswarmError, error_from_code
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: server-minted session tokens, numbered steps
 MAX_HEADER_BYTES = 64 * 1024
+MAX_DIM = 2**31  # any larger tensor dimension is nonsense here
+MAX_TEXT = 256  # model fingerprints, dtypes, tokens
+MAX_INT = 2**53
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 OPS = ("info", "open", "step", "close")
@@ -67,11 +75,59 @@ class ServerInfo:
 
     @classmethod
     def from_wire(cls, header: dict) -> "ServerInfo":
+        """Check every field a peer reported: a server is not trusted to describe itself sanely."""
         names = {f.name for f in fields(cls)}
         missing = names - header.keys()
         if missing:
             raise BadRequest(f"info reply lacks {sorted(missing)}; is the server a blockswarm server?")
-        return cls(**{k: header[k] for k in names})
+        version = integer(header, "version", 0)
+        if version != PROTOCOL_VERSION:
+            raise BadRequest(f"the server speaks blockswarm protocol {version}, this client {PROTOCOL_VERSION}; "
+                             "run the same blockswarm version on both")
+        num_blocks = integer(header, "num_blocks", 1, 100_000)
+        start = integer(header, "start", 0, num_blocks - 1)
+        values = dict(
+            version=version, model=text(header, "model"), num_blocks=num_blocks, start=start,
+            end=integer(header, "end", start + 1, num_blocks), hidden_size=integer(header, "hidden_size", 1, MAX_DIM),
+            dtype=text(header, "dtype"), cache_tokens=integer(header, "cache_tokens", 0),
+            free_cache_tokens=integer(header, "free_cache_tokens", 0), sessions=integer(header, "sessions", 0),
+            block_decode_s=duration(header, "block_decode_s", positive=True),
+            block_prefill_s_per_token=duration(header, "block_prefill_s_per_token"),
+            block_prefill_base_s=duration(header, "block_prefill_base_s"),
+            data_port=integer(header, "data_port", 1, 65535),
+        )
+        if values["dtype"] not in DTYPES:
+            raise BadRequest(f"info: dtype must be one of {sorted(DTYPES)}, got {values['dtype']!r:.40}")
+        if values["free_cache_tokens"] > values["cache_tokens"]:
+            raise BadRequest("info: free_cache_tokens is more than cache_tokens")
+        return cls(**values)
+
+
+def integer(header: dict, name: str, low: int = 0, high: int = MAX_INT) -> int:
+    """A field that must be an integer in [low, high] (booleans are not integers here)."""
+    value = header.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def text(header: dict, name: str, max_length: int = MAX_TEXT) -> str:
+    value = header.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= max_length:
+        raise BadRequest(f"{name} must be a string of 1..{max_length} characters")
+    return value
+
+
+def duration(header: dict, name: str, positive: bool = False) -> float:
+    """Seconds: a finite, non-negative number below a day (and above zero if `positive`)."""
+    value = header.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not 0 <= value < 86400 or (positive and value == 0):
+        raise BadRequest(f"{name} must be a {'positive' if positive else 'non-negative'} number of seconds, "
+                         f"got {value!r:.40}")
+    return float(value)
 
 
 # numpy has no bfloat16: those travel as their raw 16-bit patterns
@@ -118,11 +174,12 @@ def decode(frames: list[bytes]) -> tuple[dict, list[torch.Tensor]]:
 
 
 def _tensor_from_frame(meta, frame: bytes) -> torch.Tensor:
-    if not isinstance(meta, dict) or meta.get("dtype") not in DTYPES:
-        raise BadRequest(f"tensor dtype must be one of {sorted(DTYPES)}, got {meta!r:.80}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or meta["dtype"] not in DTYPES:
+        raise BadRequest(f"tensor dtype must be one of {sorted(DTYPES)}")
     shape = meta.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
-        raise BadRequest(f"tensor shape must be a list of non-negative ints, got {shape!r:.80}")
+    if not isinstance(shape, list) or not 0 < len(shape) <= 8 \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM for d in shape):
+        raise BadRequest(f"tensor shape must be a list of 1..8 positive integers, got {shape!r:.80}")
     dtype = DTYPES[meta["dtype"]]
     count = 1
     for dim in shape:

@@ -1,8 +1,12 @@
 """`blockswarm serve`: one process holding a span of blocks, serving sessions over ZeroMQ.
 
 A control socket (info/open/close) is served by the main thread, a data socket (steps) by the
-compute thread, so control stays responsive while a step computes and steps of many sessions
-queue up in ZeroMQ. Every request is validated; a bad one gets an error reply and the server goes on.
+compute thread, so control stays responsive while a step computes. Every request is validated;
+a bad one gets an error reply and the server goes on. Nothing a peer sends can grow the
+server's memory without bound or hold it for long: frames, messages, connections, sessions and
+cache per peer are bounded (see `guard.py`), long prompts run in slices between other sessions'
+steps (`steps.py`), and the control loop answers in bounded batches so that expiry and shutdown
+always get their turn.
 """
 
 from __future__ import annotations
@@ -16,17 +20,24 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError
-from blockswarm.model.checkpoint import model_fingerprint, resolve_model
+from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError, ServerError, UnknownSession
+from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
+from blockswarm.runtime.guard import Guard, PortLimits, raise_descriptor_limit, source_fd
 from blockswarm.runtime.protocol import (
-    DTYPE_NAMES, DTYPES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply, keep_alive, ok,
+    DTYPE_NAMES, DTYPES, MAX_HEADER_BYTES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply,
+    integer, keep_alive, ok, text,
 )
-from blockswarm.runtime.sessions import SessionTable
+from blockswarm.runtime.ratelog import RateLimitedLog
+from blockswarm.runtime.sessions import Limits, SessionTable
+from blockswarm.runtime.steps import StepJob, StepQueue
 
 log = logging.getLogger("blockswarm.server")
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+BATCH = 256  # messages handled per loop turn before expiry, guards and shutdown get theirs
+CHECK_INTERVAL_S = 0.25  # how often the guards look at each connection's unfinished bytes
+MAX_FRAMES = 8  # header and tensors; our messages have at most two, fewer than 8 get a clear error
+MAX_QUEUED_STEPS = 4096  # steps read but not yet computed; beyond it ZeroMQ holds them (per-peer bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,26 +53,135 @@ class ServeConfig:
     cache_tokens: int = 16384  # tokens of KV cache for the whole span, shared by all sessions
     session_timeout_s: float = 300.0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    prefill_budget: int = 512  # tokens per compute slice: longer prompts run in slices
+    max_session_tokens: int | None = None  # one session's limit; None: the model's context length
+    max_peer_share: float = 1.0  # share of the cache one peer (key or address) may hold
+    max_sessions: int = 4096
+    max_connections: int = 1024  # per port, from everybody
+    max_connections_per_address: int = 512  # per port, from one source address
+    keys: str | None = None  # DIR/NAME of this server's CURVE key pair: a private swarm
+    allow: str | None = None  # directory of the public keys (*.key) of the clients admitted
+
+    def check(self) -> None:
+        """Values a user typed; each error says what to change."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}")
+        for name, value, low in [("--cache-tokens", self.cache_tokens, 1), ("--prefill-budget", self.prefill_budget, 1),
+                                 ("--max-sessions", self.max_sessions, 1), ("--max-connections", self.max_connections, 2),
+                                 ("--max-connections-per-address", self.max_connections_per_address, 2)]:
+            if value < low:
+                raise ConfigError(f"{name} must be at least {low}, got {value}")
+        if not self.session_timeout_s > 0:
+            raise ConfigError(f"--session-timeout must be positive, got {self.session_timeout_s}")
+        if not 0 < self.max_peer_share <= 1:
+            raise ConfigError(f"--max-peer-share must be in (0, 1], got {self.max_peer_share}")
+        if (self.keys is None) != (self.allow is None):
+            raise ConfigError("a private server needs both --keys DIR/NAME (its own key pair) and --allow DIR "
+                              "(the clients' public keys)")
+
+
+def port_limits(config: ServeConfig, max_tokens: int, hidden_size: int, itemsize: int) -> tuple[PortLimits, PortLimits]:
+    """What the control and data ports accept. Control messages are small headers; the largest
+    step carries one whole session's tokens, and a connection carries one session's steps, so
+    no honest data connection ever has more than one session's hidden states in flight."""
+    step_bytes = max_tokens * hidden_size * itemsize
+    common = dict(queue_per_peer=64, max_connections=config.max_connections,
+                  max_per_address=config.max_connections_per_address)
+    # a message of more frames than MAX_FRAMES is no mistake of an honest client: its sender is cut
+    control = PortLimits(max_frame_bytes=MAX_HEADER_BYTES, max_frames=MAX_FRAMES, max_backlog_bytes=2**20, **common)
+    data = PortLimits(max_frame_bytes=max(MAX_HEADER_BYTES, step_bytes), max_frames=MAX_FRAMES,
+                      max_backlog_bytes=step_bytes + step_bytes // 4 + 2**20, **common)
+    return control, data
+
+
+class Endpoints:
+    """The server's context and its two bound sockets with their guards, made before the model
+    loads: a port in use is an error at once, not after a minute of loading, and no connection
+    arrives before its limits are in place."""
+
+    def __init__(self, config: ServeConfig, limits: tuple[PortLimits, PortLimits], ratelog: RateLimitedLog):
+        from blockswarm.runtime.security import KeyPair, secure_server, start_authenticator
+
+        pair = KeyPair.load(config.keys) if config.keys else None
+        raise_descriptor_limit()
+        self.context = zmq.Context()
+        self.authenticator = None
+        self.guards: list[Guard] = []
+        self.private = pair is not None
+        try:
+            if pair:
+                self.authenticator = start_authenticator(self.context, config.allow)
+            self.control = self._router(config.host, config.port, "--port", pair, limits[0], "control", ratelog)
+            self.data = self._router(config.host, config.data_port, "--data-port", pair, limits[1], "data", ratelog)
+        except BaseException:
+            self.close()
+            raise
+
+    def _router(self, host: str, port: int, flag: str, pair, limits: PortLimits, name: str,
+                ratelog: RateLimitedLog) -> zmq.Socket:
+        from blockswarm.runtime.security import secure_server
+
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        keep_alive(socket)  # connections of vanished clients are dropped
+        if pair:
+            secure_server(socket, pair)
+        self.guards.append(Guard.attach(socket, name, limits, ratelog))
+        try:
+            if port:
+                socket.bind(f"tcp://{host}:{port}")
+            else:
+                socket.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port or 'a free port'} ({exc.strerror}); "
+                              f"pick another {flag} or stop what listens there") from None
+        return socket
+
+    def close(self) -> None:
+        for guard in self.guards:
+            guard.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.context.destroy(linger=0)
 
 
 class Server:
-    def __init__(self, config: ServeConfig, span: Span, profile: SpanProfile, fingerprint: str):
+    def __init__(self, config: ServeConfig, span: Span, profile: SpanProfile, fingerprint: str,
+                 context_tokens: int | None = None, endpoints: Endpoints | None = None):
+        """`context_tokens`: the model's context length, the default limit of one session."""
+        config.check()
         self.config, self.span, self.profile, self.fingerprint = config, span, profile, fingerprint
-        self.table = SessionTable(span.start, span.end, config.cache_tokens)
+        self.log = RateLimitedLog(log)
+        max_tokens = _session_tokens(config, context_tokens)
+        self.table = SessionTable(span.start, span.end, config.cache_tokens,
+                                  Limits(max_tokens, config.max_sessions, config.max_peer_share))
+        self.control_limits, self.data_limits = port_limits(config, max_tokens, span.hidden_size,
+                                                            _itemsize(span.dtype))
+        self.endpoints = endpoints or Endpoints(config, (self.control_limits, self.data_limits), self.log)
+        self.steps = StepQueue(config.prefill_budget, MAX_QUEUED_STEPS)
         self.address: str | None = None
         self.data_port: int | None = None
         self._stop = threading.Event()
 
     @classmethod
     def load(cls, config: ServeConfig) -> "Server":
-        if config.dtype not in DTYPES:
-            raise BadRequest(f"--dtype must be one of {sorted(DTYPES)}")
+        """Bind first (a port in use fails at once), then load the span and measure it."""
+        config.check()
         _check_device(config.device)
-        if config.threads:
-            torch.set_num_threads(config.threads)
         path = resolve_model(config.model)
-        span = Span.load(path, config.start, config.end, dtype=DTYPES[config.dtype], device=config.device)
-        return cls(config, span, measure(span), model_fingerprint(path))
+        model_config = load_config(path)
+        context_tokens = getattr(model_config, "max_position_embeddings", None)
+        limits = port_limits(config, _session_tokens(config, context_tokens), int(model_config.hidden_size),
+                             _itemsize(DTYPES[config.dtype]))
+        endpoints = Endpoints(config, limits, RateLimitedLog(log))
+        try:
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            span = Span.load(path, config.start, config.end, dtype=DTYPES[config.dtype], device=config.device)
+            return cls(config, span, measure(span), model_fingerprint(path), context_tokens, endpoints)
+        except BaseException:
+            endpoints.close()
+            raise
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -83,48 +203,151 @@ class Server:
         """Serve until stop(). Two sockets, one per thread (ZeroMQ sockets are not thread-safe):
 
         - the control socket (this thread) answers info/open/close at once, also while a step
-          computes, and expires idle sessions;
-        - the data socket (the compute thread) takes steps, computes them inline and replies
+          computes, expires idle sessions and runs both ports' guards;
+        - the data socket (the compute thread) takes steps and computes them in slices, replying
           directly. No hand-off between threads on the hot path: on this VM each thread wake-up
           after a long compute costs ~0.2-0.5 ms, and a queue + inproc reply cost two of them.
         """
-        context = zmq.Context()
-        control = _bound_router(context, self.config.host, self.config.port)
-        data = _bound_router(context, self.config.host, self.config.data_port)
+        ends = self.endpoints
+        control, data, guards = ends.control, ends.data, ends.guards
         self.address = f"{self.config.host}:{_port(control)}"
         self.data_port = _port(data)
         # the data socket moves to the compute thread; thread start is the memory barrier ZeroMQ asks for
-        compute = threading.Thread(target=self._compute_loop, args=(data,), name="compute", daemon=True)
+        compute = threading.Thread(target=self._compute_loop, args=(data, guards[1]), name="compute", daemon=True)
         compute.start()
+        if not ends.private:
+            log.warning("serving an OPEN swarm: anyone who can reach %s may use it, and traffic is not encrypted "
+                        "(see `blockswarm keys new` and serve --keys/--allow for a private swarm)", self.address)
         if on_ready:
             on_ready(self)
+        poller = zmq.Poller()
+        for socket in (control, *(g.monitor for g in guards)):
+            poller.register(socket, zmq.POLLIN)
         expiry_interval = max(0.05, min(5.0, self.config.session_timeout_s / 4))
-        next_expiry = time.monotonic() + expiry_interval
+        next_expiry = next_check = time.monotonic()
         try:
             while not self._stop.is_set():
-                if control.poll(100):
-                    _drain(control, lambda frames: control.send_multipart(
-                        [frames[0], *self._answer(frames[1:], self._dispatch)]))
-                if time.monotonic() >= next_expiry:
-                    next_expiry = time.monotonic() + expiry_interval
-                    for session_id in self.table.expire(self.config.session_timeout_s):
-                        log.info("session %s expired after %.0f s idle", session_id, self.config.session_timeout_s)
+                poller.poll(100)
+                for guard in guards:
+                    guard.events()
+                self._serve_batch(control, guards[0], self._dispatch)
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + CHECK_INTERVAL_S
+                    for guard in guards:
+                        guard.check()
+                if now >= next_expiry:
+                    next_expiry = now + expiry_interval
+                    for token in self.table.expire(self.config.session_timeout_s):
+                        self.log.info("expiry", "a session expired after %.0f s idle (%s…)",
+                                      self.config.session_timeout_s, token[:8])
         finally:
             self._stop.set()
-            compute.join(timeout=10)
-            control.close(linger=0)
-            context.term()
+            compute.join(timeout=5)
+            if compute.is_alive():  # a forward is still running: its socket is in use, leave the context
+                log.warning("stopping while a step still computes; not waiting for it")
+            else:
+                ends.close()
 
-    def _compute_loop(self, data) -> None:
+    def _serve_batch(self, socket: zmq.Socket, guard: Guard, handler) -> None:
+        """Answer at most BATCH waiting control messages, so a flood cannot starve the rest of the loop."""
+        for _ in range(BATCH):
+            message = _receive(socket, guard, self.control_limits.max_frames, self.log)
+            if message is None:
+                return
+            identity, body, peer = message
+            socket.send_multipart([identity, *self._answer(body, peer, handler)], copy=False)
+
+    def _compute_loop(self, data: zmq.Socket, guard: Guard) -> None:
         try:
             while not self._stop.is_set():
-                if data.poll(100):
-                    _drain(data, lambda frames: data.send_multipart(
-                        [frames[0], *self._answer(frames[1:], self._step_op)]))
+                if not self.steps:
+                    if data.poll(100):
+                        self._take_steps(data, guard)
+                elif not self.steps.full:
+                    self._take_steps(data, guard)  # steps that came in during the last slice
+                if self.steps:
+                    self._run_slice(data)
         finally:
             data.close(linger=0)
 
-    def _answer(self, body: list[bytes], handler) -> list[bytes]:
+    def _take_steps(self, data: zmq.Socket, guard: Guard) -> None:
+        """Read waiting steps into the queue; answer the ones that cannot run at once."""
+        for _ in range(BATCH):
+            if self.steps.full:
+                return
+            message = _receive(data, guard, self.data_limits.max_frames, self.log)
+            if message is None:
+                return
+            identity, body, peer = message
+            received = time.perf_counter()
+            rid = None
+            try:
+                header, tensors = decode(body)
+                rid = _rid(header)
+                self.steps.push(self._admit_step(header, tensors, identity, rid, peer, received))
+            except BlockswarmError as exc:
+                data.send_multipart([identity, *self._finish(error_reply(rid, exc), (), received)], copy=False)
+            except Exception:  # a bug: log it (rate-limited), tell the client, keep serving others
+                self.log.exception("internal-step", "internal error while admitting a step")
+                data.send_multipart([identity, *self._finish(_internal(rid), (), received)], copy=False)
+
+    def _admit_step(self, header: dict, tensors: list, identity: bytes, rid, peer: str, received: float) -> StepJob:
+        if header.get("op") != "step":
+            raise BadRequest(f"the data port takes only steps; send {_op_name(header)} to the control port")
+        session = self.table.find(text(header, "session"), peer)
+        if len(tensors) != 1:
+            raise BadRequest(f"step takes exactly one tensor (hidden states), got {len(tensors)}")
+        hidden = tensors[0]
+        if hidden.dtype != self.span.dtype:
+            raise BadRequest(f"hidden states must be {DTYPE_NAMES[self.span.dtype]}, got {DTYPE_NAMES[hidden.dtype]}")
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.span.hidden_size:
+            raise BadRequest(f"hidden states must have shape (1, new_tokens>=1, {self.span.hidden_size}), "
+                             f"got {tuple(hidden.shape)}")
+        self.table.accept_step(session, integer(header, "step", 1), hidden.shape[1])
+        return StepJob(identity, rid, header["step"], session, hidden, received)
+
+    def _run_slice(self, data: zmq.Socket) -> None:
+        """Run one slice of the job whose turn it is; reply when its step is complete."""
+        job = self.steps.head()
+        session = job.session
+        if not self.table.acquire(session):  # closed or expired while queued
+            self._answer_dropped(data, session, UnknownSession(
+                "the session was closed or expired before this step ran; open it again"))
+            return
+        first, last = job.next_slice(self.steps.budget)
+        try:
+            begin = time.perf_counter()
+            out = self.span.forward(job.hidden[:, first:last].to(self.span.device), session.cache,
+                                    first=session.start)
+            self.span.synchronize()  # on a GPU the compute is queued; count it as compute, not transport
+            job.compute_s += time.perf_counter() - begin
+        except Exception as exc:
+            # the cache may have grown in some layers and not in others: never step it again
+            self.table.release(session)
+            self.table.drop(session)
+            self.log.exception("forward", "a step failed half-way; its session was dropped")
+            self._answer_dropped(data, session, ServerError(
+                f"the server failed while computing this step ({type(exc).__name__}); the session was dropped "
+                "here: open it again, here or on another server"))
+            return
+        self.table.release(session)
+        job.outputs.append(out)
+        job.done = last
+        finished = job.done == job.tokens
+        self.steps.advance(finished)
+        if finished:
+            hidden = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, dim=1)
+            reply = ok(job.rid, step=job.number, compute_s=job.compute_s)
+            data.send_multipart([job.identity, *self._finish(reply, (hidden,), job.received)], copy=False)
+
+    def _answer_dropped(self, data: zmq.Socket, session, error: BlockswarmError) -> None:
+        """A session went away: every step of it still queued gets the error."""
+        for job in self.steps.remove_session(session.token):
+            data.send_multipart([job.identity, *self._finish(error_reply(job.rid, error), (), job.received)],
+                                copy=False)
+
+    def _answer(self, body: list, peer: str, handler) -> list:
         """Decode, handle, encode; every failure becomes an error reply and the server goes on.
         Every reply says how long the server held the request (`server_s`), so a client can tell
         the server's share of a round trip from the network's and its own."""
@@ -132,70 +355,123 @@ class Server:
         rid = None
         try:
             header, tensors = decode(body)
-            rid = header.get("rid") if isinstance(header.get("rid"), int) else None
-            reply, out = handler(header, tensors, rid)
+            rid = _rid(header)
+            if tensors:
+                raise BadRequest(f"the control port takes no tensors; steps go to the data port {self.data_port}")
+            reply = handler(header, peer, rid)
         except BlockswarmError as exc:
-            reply, out = error_reply(rid, exc), ()
-        except Exception as exc:  # a bug: log it loudly, tell the client, keep serving others
-            log.exception("internal error while handling a request")
-            reply, out = {"ok": False, "rid": rid, "code": "internal", "retriable": False,
-                          "message": f"internal server error: {type(exc).__name__}: {exc}"}, ()
+            reply = error_reply(rid, exc)
+        except Exception:  # a bug: log it (rate-limited), tell the client, keep serving others
+            self.log.exception("internal-control", "internal error while handling a request")
+            reply = _internal(rid)
+        return self._finish(reply, (), received)
+
+    @staticmethod
+    def _finish(reply: dict, tensors: tuple, received: float) -> list:
         reply["server_s"] = time.perf_counter() - received
-        return encode(reply, out)
+        return encode(reply, tensors)
 
-    def _step_op(self, header: dict, tensors: list, rid):
-        if header.get("op") != "step":
-            raise BadRequest(f"the data port takes only steps; send {header.get('op')!r:.40} to the control port")
-        return self._step(header, tensors, rid)
-
-    def _dispatch(self, header: dict, tensors: list, rid):
+    def _dispatch(self, header: dict, peer: str, rid) -> dict:
         op = header.get("op")
         if op == "step":
             raise BadRequest(f"steps go to the data port {self.data_port} (the open reply and info name it)")
         if op == "info":
-            return ok(rid, **self.info().to_wire()), ()
+            return ok(rid, **self.info().to_wire())
         if op == "open":
-            session = self.table.open(header.get("session"), header.get("start", self.span.start),
-                                      header.get("end", self.span.end), header.get("max_length"),
-                                      self.span.new_cache)
-            return ok(rid, reserved=session.max_length, data_port=self.data_port), ()
+            start = integer(header, "start", 0, 10**9)
+            if "end" in header and integer(header, "end", 0, 10**9) != self.span.end:
+                raise BadRequest(f"a route that enters this server computes to the end of its span, block "
+                                 f"{self.span.end}; ask for end={self.span.end} or leave end out")
+            session = self.table.open(start, integer(header, "max_length", 1, 10**9), peer, self.span.new_cache)
+            return ok(rid, session=session.token, reserved=session.max_length, data_port=self.data_port)
         if op == "close":
-            self.table.close(header.get("session"))
-            return ok(rid), ()
-        raise BadRequest(f"unknown op {op!r:.40}; expected one of {', '.join(OPS)}")
-
-    def _step(self, header: dict, tensors: list, rid):
-        """Runs on the compute thread: validate against the session, then run the blocks."""
-        session = self.table.get(header.get("session"))
-        if len(tensors) != 1:
-            raise BadRequest(f"step takes exactly one tensor (hidden states), got {len(tensors)}")
-        hidden = tensors[0]
-        if hidden.dtype != self.span.dtype:
-            raise BadRequest(f"hidden states must be {DTYPE_NAMES[self.span.dtype]}, got {DTYPE_NAMES[hidden.dtype]}")
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or hidden.shape[2] != self.span.hidden_size:
-            raise BadRequest(f"hidden states must have shape (1, new_tokens>=1, {self.span.hidden_size}), "
-                             f"got {tuple(hidden.shape)}")
-        self.table.check_step(session, session.cache.length, hidden.shape[1])
-        begin = time.perf_counter()
-        out = self.span.forward(hidden.to(self.span.device), session.cache, first=session.start)
-        self.span.synchronize()  # on a GPU the compute is queued; count it as compute, not transport
-        return ok(rid, step=header.get("step"), compute_s=time.perf_counter() - begin), (out,)
+            self.table.close(text(header, "session"), peer)
+            return ok(rid)
+        raise BadRequest(f"unknown op {_op_name(header)}; expected one of {', '.join(OPS)}")
 
 
 def run_server(config: ServeConfig) -> None:
-    """Load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM."""
+    """Bind, load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM."""
     server = Server.load(config)
 
     def announce(srv: Server) -> None:
         p = srv.profile
         print(f"READY {srv.address} blocks {config.start}:{config.end} data port {srv.data_port} "
               f"decode {p.block_decode_s * 1e3:.3f} ms/block/token "
-              f"prefill {p.block_prefill_s_per_token * 1e3:.4f} ms/token + {p.block_prefill_base_s * 1e3:.3f} ms per block",
+              f"prefill {p.block_prefill_s_per_token * 1e3:.4f} ms/token + {p.block_prefill_base_s * 1e3:.3f} ms per block"
+              f"{' private' if srv.endpoints.private else ''}",
               flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     server.serve(announce)
+
+
+def _session_tokens(config: ServeConfig, context_tokens: int | None) -> int:
+    return min(config.max_session_tokens or context_tokens or config.cache_tokens, config.cache_tokens)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def _receive(socket: zmq.Socket, guard: Guard, max_frames: int, ratelog: RateLimitedLog):
+    """One waiting message as (routing id, body frames, peer), or None when none waits. A message
+    with more than `max_frames` body frames is read to its end and dropped, and its sender cut:
+    libzmq delivers a message whole, so the frames must be drained, but only once per peer."""
+    try:
+        identity = socket.recv(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    body = []
+    frame = identity
+    while frame.more:
+        frame = socket.recv(copy=False)
+        if len(body) == max_frames:
+            drained = _drain_message(socket) + 1
+            guard.cut(source_fd(frame), f"sent a message of {len(body) + drained} frames "
+                                        f"(at most {max_frames})", ban=True)
+            return None
+        body.append(frame)
+    guard.consumed(source_fd(identity) if not body else source_fd(body[0]), body)
+    if not body:
+        return None
+    return identity.bytes, body, _peer(body[0])
+
+
+def _drain_message(socket: zmq.Socket) -> int:
+    count = 0
+    while socket.rcvmore:
+        socket.recv()
+        count += 1
+    return count
+
+
+def _peer(frame: zmq.Frame) -> str:
+    """Who sent a frame: its CURVE key (private swarms) or its source address."""
+    for prop in ("User-Id", "Peer-Address"):
+        try:
+            value = frame.get(prop)
+        except zmq.ZMQError:
+            continue
+        if value:
+            return value
+    return "?"
+
+
+def _rid(header: dict):
+    rid = header.get("rid")
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else None
+
+
+def _op_name(header: dict) -> str:
+    op = header.get("op")
+    return repr(op[:40]) if isinstance(op, str) else f"of type {type(op).__name__}"
+
+
+def _internal(rid) -> dict:
+    return {"ok": False, "rid": rid, "code": "internal", "retriable": False,
+            "message": "internal server error (logged on the server)"}
 
 
 def _check_device(device: str) -> None:
@@ -209,27 +485,5 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: only cpu and cuda are supported")
 
 
-def _bound_router(context: zmq.Context, host: str, port: int):
-    socket = context.socket(zmq.ROUTER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the peer, not us
-    keep_alive(socket)  # connections of vanished clients are dropped
-    if port:
-        socket.bind(f"tcp://{host}:{port}")
-    else:
-        socket.bind_to_random_port(f"tcp://{host}")
-    return socket
-
-
 def _port(socket) -> int:
     return int(socket.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-
-
-def _drain(socket, handle) -> None:
-    """Handle every message already waiting on a socket without blocking."""
-    while True:
-        try:
-            frames = socket.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        handle(frames)
