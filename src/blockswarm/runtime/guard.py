@@ -9,11 +9,13 @@ the last frame arrives. A `Guard` watches one bound socket from outside:
   knows each connection's source address and refuses more than `max_connections` in all or
   `max_per_address` from one address (it shuts the descriptor down; libzmq then drops the
   connection and frees what it held, a half-received message included);
-- every `check` it compares the bytes the kernel received on each connection (TCP_INFO) with
-  the bytes the application has taken from it (`consumed`, fed by the socket's owner from each
+- `check` compares the bytes the kernel received on each connection (TCP_INFO) with the
+  bytes the application has taken from it (`consumed`, fed by the socket's owner from each
   message's source descriptor). What lies between is held inside libzmq; a connection holding
   more than `max_backlog_bytes` is sending a message larger than any the server accepts, and
-  is cut;
+  is cut. Every connection is looked at every FULL_CHECK_S; new ones and those receiving fast
+  ("hot") every HOT_CHECK_S, because a flood on loopback fills hundreds of MiB in a quarter
+  second (~7 µs per connection per look, so looking at all of them that often would cost a core);
 - a peer cut for abuse is banned for `ban_s`: its new connections are cut on arrival.
 
 Linux only (TCP_INFO's layout); elsewhere the byte check is skipped and says so once.
@@ -38,6 +40,10 @@ _TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's str
 _TCP_INFO_SIZE = 136
 HANDSHAKE_SLACK_BYTES = 8192  # ZMTP greeting + READY (+ CURVE's HELLO/INITIATE) and a margin
 HEARTBEAT_SLACK_BYTES_PER_S = 64  # PINGs and PONGs the application never sees
+FULL_CHECK_S = 0.25  # every connection is looked at this often...
+HOT_CHECK_S = 0.01  # ...new and fast-growing ones this often
+HOT_AGE_S = 1.0  # a connection is hot for its first second...
+HOT_GROWTH_BYTES = 1 << 16  # ...and whenever it received this much since it was last looked at
 EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
           | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -61,6 +67,8 @@ class _Connection:
     address: str
     since: float
     consumed: int = 0  # bytes the application has taken from this connection, framing included
+    received: int = 0  # bytes libzmq had taken from the kernel when last looked at
+    hot: bool = True
 
 
 @dataclass
@@ -76,6 +84,8 @@ class Guard:
     banned: dict[str, float] = field(default_factory=dict)
     cut_count: int = 0
     _byte_check: bool = sys.platform.startswith("linux")
+    _next_full: float = 0.0
+    trim_due: bool = False
 
     @classmethod
     def attach(cls, socket: zmq.Socket, socket_name: str, limits: PortLimits, log: RateLimitedLog) -> "Guard":
@@ -107,20 +117,35 @@ class Guard:
                                  "%s port: a peer failed its handshake (%s): refused before reaching any session",
                                  self.socket_name, _event_name(event["event"]))
 
+    @property
+    def hot(self) -> bool:
+        """Whether some connection needs looking at every HOT_CHECK_S."""
+        return self._byte_check and any(c.hot for c in self.connections.values())
+
     def check(self) -> None:
-        """Cut connections whose unfinished messages hold more than the port allows."""
+        """Cut connections whose unfinished messages hold more than the port allows: the hot ones
+        on every call, all of them every FULL_CHECK_S."""
         if not self._byte_check:
             return
         now = self.clock()
+        full = now >= self._next_full
+        if full:
+            self._next_full = now + FULL_CHECK_S
         for fd, connection in list(self.connections.items()):
-            received = _bytes_held(fd)
-            if received is None:
-                continue
-            slack = HANDSHAKE_SLACK_BYTES + HEARTBEAT_SLACK_BYTES_PER_S * (now - connection.since)
-            backlog = received - connection.consumed - slack
-            if backlog > self.limits.max_backlog_bytes:
-                self.cut(fd, f"holds {backlog / 2**20:.1f} MiB of unfinished messages "
-                             f"(at most {self.limits.max_backlog_bytes / 2**20:.1f} MiB)", ban=True)
+            if full or connection.hot:
+                self._look(fd, connection, now)
+
+    def _look(self, fd: int, connection: _Connection, now: float) -> None:
+        received = _bytes_held(fd)
+        if received is None:
+            return
+        connection.hot = now - connection.since < HOT_AGE_S or received - connection.received > HOT_GROWTH_BYTES
+        connection.received = received
+        slack = HANDSHAKE_SLACK_BYTES + HEARTBEAT_SLACK_BYTES_PER_S * (now - connection.since)
+        backlog = received - connection.consumed - slack
+        if backlog > self.limits.max_backlog_bytes:
+            self.cut(fd, f"holds {backlog / 2**20:.1f} MiB of unfinished messages "
+                         f"(at most {self.limits.max_backlog_bytes / 2**20:.1f} MiB)", ban=True)
 
     def cut(self, fd: int, why: str, ban: bool) -> None:
         """Drop one connection (libzmq notices the shut-down descriptor and frees its buffers)."""
@@ -132,6 +157,7 @@ class Guard:
         self.log.warning(f"cut-{self.socket_name}-{address}", "%s port: dropped a connection from %s: %s%s",
                          self.socket_name, address, why, f"; refused for {self.limits.ban_s:g} s" if ban else "")
         _shutdown(fd)
+        self.trim_due = True  # what libzmq held for it is freed soon; then give the memory back
 
     def _admit(self, fd: int) -> None:
         address = _peer_address(fd)
@@ -168,7 +194,7 @@ def _bytes_held(fd: int) -> int | None:
     try:
         with _borrowed(fd) as sock:
             info = sock.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_INFO, _TCP_INFO_SIZE)
-            unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return None
     if len(info) < _TCPI_BYTES_RECEIVED + 8:
@@ -188,7 +214,7 @@ class _borrowed:
     """A socket object over a descriptor libzmq owns, released (never closed) on exit."""
 
     def __init__(self, fd: int):
-        self.sock = sockets.socket(fileno=fd)
+        self.sock = sockets.socket(sockets.AF_INET, sockets.SOCK_STREAM, 0, fd)  # stated: no probing syscalls
 
     def __enter__(self):
         return self.sock
@@ -202,6 +228,18 @@ def _event_name(event: int) -> str:
         return zmq.Event(event).name.lower()
     except ValueError:
         return str(event)
+
+
+def give_memory_back() -> None:
+    """Return freed heap to the system (glibc keeps it otherwise: libzmq's message queues are
+    many small blocks, so RSS would stay at a flood's peak after the flood is cut)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def raise_descriptor_limit() -> int:

@@ -24,7 +24,9 @@ from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError, Ser
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
-from blockswarm.runtime.guard import Guard, PortLimits, raise_descriptor_limit, source_fd
+from blockswarm.runtime.guard import (
+    HOT_CHECK_S, Guard, PortLimits, give_memory_back, raise_descriptor_limit, source_fd,
+)
 from blockswarm.runtime.protocol import (
     DTYPE_NAMES, DTYPES, MAX_HEADER_BYTES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply,
     integer, keep_alive, ok, text,
@@ -35,7 +37,6 @@ from blockswarm.runtime.steps import StepJob, StepQueue
 
 log = logging.getLogger("blockswarm.server")
 BATCH = 256  # messages handled per loop turn before expiry, guards and shutdown get theirs
-CHECK_INTERVAL_S = 0.25  # how often the guards look at each connection's unfinished bytes
 MAX_FRAMES = 8  # header and tensors; our messages have at most two, fewer than 8 get a clear error
 MAX_QUEUED_STEPS = 4096  # steps read but not yet computed; beyond it ZeroMQ holds them (per-peer bounded)
 
@@ -88,7 +89,7 @@ def port_limits(config: ServeConfig, max_tokens: int, hidden_size: int, itemsize
     common = dict(queue_per_peer=64, max_connections=config.max_connections,
                   max_per_address=config.max_connections_per_address)
     # a message of more frames than MAX_FRAMES is no mistake of an honest client: its sender is cut
-    control = PortLimits(max_frame_bytes=MAX_HEADER_BYTES, max_frames=MAX_FRAMES, max_backlog_bytes=2**20, **common)
+    control = PortLimits(max_frame_bytes=MAX_HEADER_BYTES, max_frames=MAX_FRAMES, max_backlog_bytes=2**18, **common)
     data = PortLimits(max_frame_bytes=max(MAX_HEADER_BYTES, step_bytes), max_frames=MAX_FRAMES,
                       max_backlog_bytes=step_bytes + step_bytes // 4 + 2**20, **common)
     return control, data
@@ -224,18 +225,25 @@ class Server:
         for socket in (control, *(g.monitor for g in guards)):
             poller.register(socket, zmq.POLLIN)
         expiry_interval = max(0.05, min(5.0, self.config.session_timeout_s / 4))
-        next_expiry = next_check = time.monotonic()
+        next_expiry = time.monotonic()
+        trim_at = None
         try:
             while not self._stop.is_set():
-                poller.poll(100)
+                hot = any(guard.hot for guard in guards)
+                poller.poll(int(HOT_CHECK_S * 1000) if hot else 100)
                 for guard in guards:
                     guard.events()
                 self._serve_batch(control, guards[0], self._dispatch)
+                for guard in guards:
+                    guard.check()
                 now = time.monotonic()
-                if now >= next_check:
-                    next_check = now + CHECK_INTERVAL_S
+                if any(guard.trim_due for guard in guards):  # a flood was cut: once libzmq freed it,
+                    trim_at = now + 0.5                     # give the memory back to the system
                     for guard in guards:
-                        guard.check()
+                        guard.trim_due = False
+                if trim_at is not None and now >= trim_at:
+                    trim_at = None
+                    give_memory_back()
                 if now >= next_expiry:
                     next_expiry = now + expiry_interval
                     for token in self.table.expire(self.config.session_timeout_s):
@@ -366,8 +374,7 @@ class Server:
             reply = _internal(rid)
         return self._finish(reply, (), received)
 
-    @staticmethod
-    def _finish(reply: dict, tensors: tuple, received: float) -> list:
+    def _finish(self, reply: dict, tensors: tuple, received: float) -> list:
         reply["server_s"] = time.perf_counter() - received
         return encode(reply, tensors)
 
@@ -390,9 +397,10 @@ class Server:
         raise BadRequest(f"unknown op {_op_name(header)}; expected one of {', '.join(OPS)}")
 
 
-def run_server(config: ServeConfig) -> None:
-    """Bind, load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM."""
-    server = Server.load(config)
+def run_server(config: ServeConfig, server_class: type[Server] = Server) -> None:
+    """Bind, load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM.
+    (`server_class`: tests run hostile variants of the server through the same start-up.)"""
+    server = server_class.load(config)
 
     def announce(srv: Server) -> None:
         p = srv.profile
