@@ -28,6 +28,7 @@ from blockswarm.perf.scenario import load_scenario
 from blockswarm.planner import cgbprr, milp, petals
 from blockswarm.planner.evaluate import total_per_token_s
 from blockswarm.planner.view import SwarmView
+from meta import run_metadata
 from swarms import mixed_swarm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def main() -> None:
     print(f"\nMILP clustered-9, 10 requests: {clustered['status']} in {clustered['seconds']:.1f} s "
           f"(target: optimal within 60 s); per-token {clustered['mean_per_token_s']:.4f} s")
     result = {**gaps, "plan_seconds_by_servers": speed, "milp_clustered_9": clustered,
-              "instances": args.instances, "seed": args.seed}
+              "instances": args.instances, "seed": args.seed, "meta": run_metadata()}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

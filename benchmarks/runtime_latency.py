@@ -2,7 +2,8 @@
 
 Prints a table and writes JSON with per-token decode latency, time to first token, the
 transport overhead per hop (round trip minus the server's compute time, median over decode
-steps and hops), the aggregate tokens/s with several sequences in flight through 3 servers, and
+steps and hops), the same with CURVE encryption on (a private swarm of 3 servers, generations
+alternating with an open one of the same shape so that both see the same load), the aggregate tokens/s with several sequences in flight through 3 servers, and
 the transport floor measured in the same run (`transport_floor.py`: the same relay with bare
 ZeroMQ and bare TCP echo processes, no model, no serialization), so that what is ours and what
 is the machine's can be told apart.
@@ -25,6 +26,7 @@ import torch
 from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2
 from blockswarm.runtime.client import DistributedModel
 from blockswarm.runtime.launcher import even_spans, local_swarm
+from meta import run_metadata
 from transport_floor import measure as measure_transport_floor
 
 PROMPT_TOKENS = 32
@@ -39,6 +41,11 @@ def measure_local(new_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     model = AutoModelForCausalLM.from_pretrained(ensure_smollm2(), dtype=torch.float32).eval()
+    # from_pretrained leaves the weights memory-mapped, and the CPU BLAS takes another GEMV path for
+    # those than for the ordinary copies the servers hold (tests/conftest.py::reference_model), so
+    # the baseline copies them too: like against like.
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
     ids = torch.tensor([prompt_ids(PROMPT_TOKENS)])
     runs = []
     for _ in range(3):
@@ -87,6 +94,42 @@ def measure_swarm(servers: int, new_tokens: int, inflight: list[int]) -> dict:
     return row
 
 
+def measure_curve(servers: int, new_tokens: int, rounds: int = 6) -> dict:
+    """The same chain twice, open and private (CURVE), generations alternating between the two so
+    that both see the same machine load; per-token time and overhead per hop for each."""
+    import tempfile
+    from pathlib import Path
+
+    from blockswarm.runtime.security import ClientKeys, write_keypair
+
+    spans = even_spans(30, servers)
+    with tempfile.TemporaryDirectory() as folder:
+        keys = Path(folder)
+        write_keypair(keys, "server")
+        write_keypair(keys / "clients", "bench")
+        private = [*SERVER_ARGS, "--keys", str(keys / "server"), "--allow", str(keys / "clients")]
+        with local_swarm(SMOLLM2, spans, SERVER_ARGS) as plain_addresses, \
+                local_swarm(SMOLLM2, spans, private) as private_addresses:
+            (keys / "known").write_text("".join(f"{a} server.key\n" for a in private_addresses))
+            client_keys = ClientKeys.load(str(keys / "clients" / "bench"), str(keys / "known"))
+            models = {"plain": DistributedModel.from_servers(plain_addresses, model=SMOLLM2),
+                      "curve": DistributedModel.from_servers(private_addresses, model=SMOLLM2, keys=client_keys)}
+            runs = {name: [] for name in models}
+            for name, model in models.items():
+                model.generate(prompt_ids(8), max_new_tokens=4, stop_at_eos=False)  # warm up
+            for _ in range(rounds):
+                for name, model in models.items():
+                    runs[name].append(model.generate(prompt_ids(PROMPT_TOKENS), max_new_tokens=new_tokens,
+                                                     stop_at_eos=False))
+    row = {"servers": servers, "rounds": rounds}
+    for name, results in runs.items():
+        overheads = [o for r in results for hop in r.hops for o in hop.overhead_s[1:]]
+        row[f"{name}_ms_per_token"] = 1e3 * statistics.median(r.median_token_s for r in results)
+        row[f"{name}_overhead_per_hop_ms"] = 1e3 * statistics.median(overheads)
+    row["curve_extra_per_hop_ms"] = row["curve_overhead_per_hop_ms"] - row["plain_overhead_per_hop_ms"]
+    return row
+
+
 def throughput(model: DistributedModel, sequences: int, new_tokens: int) -> float:
     """Aggregate generated tokens per second with `sequences` generations running at once."""
     errors = []
@@ -119,6 +162,7 @@ def main() -> None:
     local = measure_local(args.new_tokens)
     inflight = [int(x) for x in args.inflight.split(",") if x]
     swarm = {n: measure_swarm(n, args.new_tokens, inflight if n == 3 else []) for n in (1, 2, 3)}
+    curve = measure_curve(3, args.new_tokens)
 
     print(f"{'setup':<22}{'TTFT ms':>10}{'ms/token':>10}{'compute ms':>12}{'overhead/hop ms':>17}"
           f"{'server side':>13}{'ZeroMQ floor':>14}{'TCP floor':>11}")
@@ -128,6 +172,11 @@ def main() -> None:
               f"{row['server_compute_ms_per_token']:>12.1f}{row['overhead_per_hop_ms']:>17.3f}"
               f"{row['server_side_overhead_per_hop_ms']:>13.3f}"
               f"{row['zeromq_floor_per_hop_ms']:>14.3f}{row['tcp_floor_per_hop_ms']:>11.3f}")
+    print(f"{'swarm, 3, plain':<22}{'':>10}{curve['plain_ms_per_token']:>10.1f}{'':>12}"
+          f"{curve['plain_overhead_per_hop_ms']:>17.3f}   (alternating with the next row)")
+    print(f"{'swarm, 3, CURVE':<22}{'':>10}{curve['curve_ms_per_token']:>10.1f}{'':>12}"
+          f"{curve['curve_overhead_per_hop_ms']:>17.3f}   encryption adds {curve['curve_extra_per_hop_ms']:+.3f} ms "
+          "per hop (target <= 0.2)")
     by_inflight = swarm[3]["tokens_per_s_by_inflight"]
     print("aggregate tokens/s through 3 servers by sequences in flight: "
           + ", ".join(f"{k}: {v:.1f}" for k, v in by_inflight.items()))
@@ -143,9 +192,13 @@ def main() -> None:
         "tcp_floor_per_hop_ms": statistics.median(row["tcp_floor_per_hop_ms"] for row in swarm.values()),
         "overhead_above_zeromq_floor_ms": statistics.median(
             row["overhead_per_hop_ms"] - row["zeromq_floor_per_hop_ms"] for row in swarm.values()),
+        "curve_overhead_per_hop_ms": curve["curve_overhead_per_hop_ms"],
+        "curve_extra_per_hop_ms": curve["curve_extra_per_hop_ms"],
+        "curve": curve,
         "swarm": {str(n): row for n, row in swarm.items()},
         "prompt_tokens": PROMPT_TOKENS,
         "new_tokens": args.new_tokens,
+        "meta": run_metadata(),
     }
     print(f"transport floor per hop, the same relay through bare echo processes: "
           f"ZeroMQ {result['zeromq_floor_per_hop_ms']:.3f} ms, plain TCP {result['tcp_floor_per_hop_ms']:.3f} ms")

@@ -13,6 +13,7 @@ from pathlib import Path
 from blockswarm.perf.scenario import load_scenario
 from blockswarm.sim.experiments import compare
 from blockswarm.sim.runner import with_workload
+from meta import run_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def main() -> None:
               f"{r['cgbprr_per_token_s']:>15.3f}{r['reduction']:>11.1%}{r['petals_ttft_s']:>13.2f}"
               f"{r['cgbprr_ttft_s']:>14.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"seeds": args.seeds, "rows": rows, "meta": run_metadata()}, indent=2))
 
 
 if __name__ == "__main__":

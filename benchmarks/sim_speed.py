@@ -19,6 +19,7 @@ from pathlib import Path
 
 from blockswarm.core.specs import WorkloadSpec
 from blockswarm.sim.runner import simulate
+from meta import run_metadata
 from swarms import mixed_swarm
 
 
@@ -61,7 +62,8 @@ def main() -> None:
           f"(target <= 60 s)")
     result = {"seconds_100k_requests_1000_servers": headline["seconds"],
               "requests_per_second": headline["requests_per_second"],
-              "events_per_second": headline["events_per_second"], "headline": headline, "by_servers": rows}
+              "events_per_second": headline["events_per_second"], "headline": headline, "by_servers": rows,
+              "meta": run_metadata()}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -22,6 +22,8 @@ import time
 
 import zmq
 
+from meta import run_metadata
+
 HIDDEN_BYTES = 576 * 4  # one SmolLM2 token's hidden state in float32
 STOP = b"stop"
 
@@ -169,7 +171,7 @@ def main() -> None:
               f"{result[f'{transport}_floor_per_hop_p90_ms']:>10.3f}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+            json.dump({**result, "meta": run_metadata()}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -77,10 +77,12 @@ class RawPeer:
             pass
         return sent
 
-    def receive(self) -> list[bytes]:
-        """The next message (answering PINGs on the way)."""
-        frames = []
+    def receive(self, timeout_s: float = 5.0) -> list[bytes]:
+        """The next message (answering PINGs on the way); socket.timeout if none comes in time."""
+        frames, deadline = [], time.monotonic() + timeout_s
         while True:
+            if time.monotonic() > deadline:
+                raise socket.timeout("no message")
             flags, body = self._read_frame()
             if flags & COMMAND:
                 if body[1:5] == b"PING":

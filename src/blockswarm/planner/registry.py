@@ -12,7 +12,7 @@ from typing import Callable
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Placement, Request, Route, Scenario
 from blockswarm.perf.model import default_request, route_time
-from blockswarm.planner import cgbprr, milp, petals, rr_ilp, wsrr
+from blockswarm.planner import cgbprr, petals, wsrr
 from blockswarm.planner.view import SwarmView
 
 
@@ -100,7 +100,10 @@ def plan(scenario: Scenario, policy: str, R: int | None = None, milp_requests: i
         router = cgbprr.route if policy == "cgbprr" else _route_wsrr
         routes = {c: router(view, default_request(scenario, c)) for c in clients}
         return PlanResult(policy, scenario, result.placement, routes, R, result.bound_per_token_s)
+    # The exact policies import HiGHS only when asked for: the simulator and the heuristics never need it.
     if policy == "rr-ilp":
+        from blockswarm.planner import rr_ilp
+
         result = cgbprr.place(scenario, R)
         counts = {c: R // len(scenario.clients) + (c < R % len(scenario.clients)) for c in clients}
         counts = {c: n for c, n in counts.items() if n}
@@ -110,6 +113,8 @@ def plan(scenario: Scenario, policy: str, R: int | None = None, milp_requests: i
         return PlanResult(policy, scenario, result.placement, routes, R, result.bound_per_token_s, solver,
                           [f"routes {R} concurrent requests on the CG-BP placement; the route shown per client "
                            "is its most used one"])
+    from blockswarm.planner import milp
+
     requests = [default_request(scenario, i % len(scenario.clients)) for i in range(min(R, milp_requests))]
     result = milp.solve(scenario, requests, time_limit_s)
     routes = {}

@@ -13,7 +13,6 @@ import logging
 import statistics
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,7 +55,7 @@ Reroute = Callable[[int, frozenset[str], str | None], list[Hop]]
 # failures a session repairs: a server gone or silent, one without cache room, one that lost the
 # session (restart, idle expiry, a failed step), one that answered nonsense
 REPAIRABLE = (PeerGone, Timeout, CacheFull, UnknownSession, ServerError, BadPeer)
-PROBE_TIMEOUT_S = 2.0  # a server that does not answer `info` this fast after failing a step is gone
+PROBE_TIMEOUT_S = 1.0  # a server that does not answer `info` this fast after failing a step is gone
 MAX_REOPENS_PER_SERVER = 2  # a server that keeps losing a session is passed over for it
 
 

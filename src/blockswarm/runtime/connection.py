@@ -127,7 +127,9 @@ class Connection:
 
             keys.server_key(address)  # unknown servers fail here, before any connection
             self._secure = lambda socket: secure_client(socket, keys, address)
-        self._control = self._connect(port, MAX_HEADER_BYTES)
+        self._control_port = port
+        self._closed = False
+        self._control: _Link | None = self._connect(port, MAX_HEADER_BYTES)
         self._data: _Link | None = None
         self._data_port: int | None = None
         self._rids = itertools.count(1)
@@ -220,17 +222,37 @@ class Connection:
         return raise_if_error(header), out
 
     def _link(self, op: str) -> _Link:
-        if self._control is None:
+        if self._closed:
             raise BadRequest(f"the connection to {self.address} is closed")
         if op != "step":
+            if self._control is None:  # dropped after a loss: a fresh one (the server may be back)
+                self._control = self._connect(self._control_port, MAX_HEADER_BYTES)
             return self._control
         if self._data is None:
             raise BadRequest(f"open a session on {self.address} before stepping")
         return self._data
 
+    def _drop(self, link: _Link) -> None:
+        """Forget a link whose connection was lost. libzmq reconnects after a dropped TCP connection
+        but not after a protocol error (e.g. a reply over the size limit), and a DEALER with no
+        connection blocks every send; a lost link is therefore never used again."""
+        link.close()
+        if link is self._control:
+            self._control = None
+        if link is self._data:
+            self._data, self._data_port, self.token = None, None, None
+
     def _send(self, link: _Link, op: str, tensors: tuple[torch.Tensor, ...], fields: dict) -> int:
+        """Queue a request without ever blocking: a link that cannot take it within the timeout is lost."""
         rid = next(self._rids)
-        link.socket.send_multipart(encode({"op": op, "rid": rid, **fields}, tensors), copy=False)
+        frames = encode({"op": op, "rid": rid, **fields}, tensors)
+        try:
+            link.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if not link.socket.poll(int(self.timeout_s * 1000), zmq.POLLOUT):
+                self._drop(link)
+                raise PeerGone(f"cannot send {op!r} to {self.address}: its connection is down") from None
+            link.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         return rid
 
     def _receive(self, link: _Link, op: str, rids: set[int], begin: float, timeout_s: float,
@@ -242,6 +264,7 @@ class Connection:
                 if not self._wait(link, deadline, expected_s):
                     raise Timeout(f"{self.address} did not answer {op!r} within {timeout_s:g} s")
             except _Lost as lost:
+                self._drop(link)
                 if lost.event & REFUSED_EVENTS:
                     raise Refused(self._refused_message(lost.event)) from None
                 raise PeerGone(self._lost_message(lost.event, op)) from None
@@ -296,14 +319,14 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self._control is None
+        return self._closed
 
     def close(self) -> None:
-        if self._control is not None:
-            self._control.close()
-        if self._data is not None:
-            self._data.close()
+        for link in (self._control, self._data):
+            if link is not None:
+                link.close()
         self._control = self._data = None
+        self._closed = True
 
 
 def fetch_info(context: zmq.Context, address: str, timeout_s: float = 10.0, keys=None) -> ServerInfo:

@@ -112,7 +112,7 @@ class Guard:
                 self._admit(fd)
             elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
                 self.connections.pop(fd, None)
-            else:
+            elif event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # refused keys: the gate logged who
                 self.log.warning(f"handshake-{self.socket_name}",
                                  "%s port: a peer failed its handshake (%s): refused before reaching any session",
                                  self.socket_name, _event_name(event["event"]))

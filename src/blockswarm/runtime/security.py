@@ -11,16 +11,19 @@ hosts), so a server that cannot prove it holds that key is refused by the client
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from blockswarm.core.errors import ConfigError
 
 PUBLIC_SUFFIX, SECRET_SUFFIX = ".key", ".key_secret"
+ZAP_DOMAIN = b"blockswarm"  # the domain servers ask the ZAP handler about
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,19 +142,65 @@ def secure_server(socket: zmq.Socket, pair: KeyPair) -> None:
     socket.curve_secretkey = pair.secret
     socket.curve_publickey = pair.public
     socket.curve_server = True
-    socket.zap_domain = b"blockswarm"
+    socket.zap_domain = ZAP_DOMAIN
 
 
-def start_authenticator(context: zmq.Context, allow: str | os.PathLike):
-    """A ZAP handler that admits the CURVE keys found in `allow` (its *.key files) and no other."""
-    from zmq.auth.thread import ThreadAuthenticator
+class KeyGate:
+    """The ZAP handler of a private server: admits CURVE clients whose public key is in the allowed
+    set, refuses everyone else with one log line naming their address and key. A thread with a REP
+    socket on ZeroMQ's ZAP endpoint; libzmq asks it during each handshake, before any message."""
 
+    def __init__(self, context: zmq.Context, allowed: set[bytes], log):
+        self.allowed, self.log = allowed, log  # z85 public keys; a RateLimitedLog
+        self._socket = context.socket(zmq.REP)
+        self._socket.linger = 0
+        self._socket.bind("inproc://zeromq.zap.01")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="zap", daemon=True)
+
+    def start(self) -> "KeyGate":
+        self._thread.start()  # the socket moves to the thread: thread start is the memory barrier
+        return self
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._socket.poll(100):
+                    request = self._socket.recv_multipart()
+                    try:
+                        reply = self._answer(request)
+                    except Exception:  # never let the gate die: a dead gate would stall every handshake
+                        self.log.exception("gate", "the key gate failed on a request; refused it")
+                        reply = [request[0], request[1] if len(request) > 1 else b"", b"500", b"error", b"", b""]
+                    self._socket.send_multipart(reply)
+        finally:
+            self._socket.close(linger=0)
+
+    def _answer(self, frames: list[bytes]) -> list[bytes]:
+        """ZAP 1.0: [version, id, domain, address, identity, mechanism, credentials...] -> reply."""
+        version, request_id, _domain, address, _identity, mechanism, *credentials = frames + [b""] * 6
+        if mechanism == b"CURVE" and len(credentials) >= 1 and len(credentials[0]) == 32:
+            key = z85.encode(credentials[0])
+            if key in self.allowed:
+                return [version, request_id, b"200", b"OK", key, b""]
+            self.log.warning(f"refused-{address!r}", "refused a client from %s: its key %s is not in --allow",
+                             address.decode(errors="replace"), key.decode())
+        else:
+            self.log.warning(f"refused-{address!r}", "refused a client from %s: it did not offer a CURVE key",
+                             address.decode(errors="replace"))
+        return [version, request_id, b"400", b"key not allowed", b"", b""]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def start_gate(context: zmq.Context, allow: str | os.PathLike, log) -> KeyGate:
+    """Admit the CURVE keys of the public key files (*.key) in directory `allow`, and no other."""
     folder = Path(allow)
     if not folder.is_dir():
-        raise ConfigError(f"--allow {allow} is not a directory of public key files (*.key)")
-    if not any(folder.glob(f"*{PUBLIC_SUFFIX}")):
-        raise ConfigError(f"--allow {allow} holds no *.key files: no client could connect")
-    authenticator = ThreadAuthenticator(context)
-    authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(folder))
-    return authenticator
+        raise ConfigError(f"--allow {allow} is not a directory of public key files (*{PUBLIC_SUFFIX})")
+    keys = {load_public_key(path) for path in sorted(folder.glob(f"*{PUBLIC_SUFFIX}"))}
+    if not keys:
+        raise ConfigError(f"--allow {allow} holds no *{PUBLIC_SUFFIX} files: no client could connect")
+    return KeyGate(context, keys, log).start()

@@ -101,17 +101,17 @@ class Endpoints:
     arrives before its limits are in place."""
 
     def __init__(self, config: ServeConfig, limits: tuple[PortLimits, PortLimits], ratelog: RateLimitedLog):
-        from blockswarm.runtime.security import KeyPair, secure_server, start_authenticator
+        from blockswarm.runtime.security import KeyPair, start_gate
 
         pair = KeyPair.load(config.keys) if config.keys else None
         raise_descriptor_limit()
         self.context = zmq.Context()
-        self.authenticator = None
+        self.gate = None
         self.guards: list[Guard] = []
         self.private = pair is not None
         try:
             if pair:
-                self.authenticator = start_authenticator(self.context, config.allow)
+                self.gate = start_gate(self.context, config.allow, ratelog)
             self.control = self._router(config.host, config.port, "--port", pair, limits[0], "control", ratelog)
             self.data = self._router(config.host, config.data_port, "--data-port", pair, limits[1], "data", ratelog)
         except BaseException:
@@ -141,8 +141,8 @@ class Endpoints:
     def close(self) -> None:
         for guard in self.guards:
             guard.close()
-        if self.authenticator is not None:
-            self.authenticator.stop()
+        if self.gate is not None:
+            self.gate.stop()
         self.context.destroy(linger=0)
 
 

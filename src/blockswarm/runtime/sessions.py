@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, TooLarge, UnknownSession

@@ -1,0 +1,243 @@
+"""Commands that run the swarm: serve, generate, info, demo, keys."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from blockswarm.cli.common import (
+    DEFAULT_PROMPT, DTYPE_NAMES, _addresses, _check_span_in_model, _check_writable, _fail, _interruptible,
+    _parse_span, _require, _write_json, app,
+)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2", help="`smollm2` (embedded) or a local Hugging Face model directory."),
+    blocks: str = typer.Option(..., help="Blocks to hold, START:END with END exclusive, e.g. 10:20."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(0, help="Control port (info/open/close); 0 picks a free one (printed in the READY line)."),
+    data_port: int = typer.Option(0, help="Port for steps (hidden states); 0 picks a free one, which clients learn "
+                                  "from the server. Fix it when a firewall must let it through."),
+    device: str = typer.Option("cpu", help="torch device for the blocks, e.g. cpu or cuda."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    cache_tokens: int = typer.Option(16384, help="KV-cache budget in tokens for the whole span, shared by sessions."),
+    session_timeout: float = typer.Option(300.0, help="Close sessions idle for this many seconds."),
+    threads: Optional[int] = typer.Option(None, help="torch threads for compute (default: torch's choice)."),
+    keys: Optional[str] = typer.Option(None, help="DIR/NAME of this server's key pair (from `blockswarm keys new`): "
+                                       "serve a private swarm, encrypted, admitting only --allow's keys."),
+    allow: Optional[str] = typer.Option(None, help="Directory of the public key files (*.key) of the clients a "
+                                        "private server admits."),
+    prefill_budget: int = typer.Option(512, help="Tokens computed per slice: longer prompts run in slices, with "
+                                       "other sessions' steps in between."),
+    max_session_tokens: Optional[int] = typer.Option(None, help="Longest session one client may open (default: "
+                                                     "the model's context length)."),
+    max_peer_share: float = typer.Option(1.0, help="Share of the cache one client (key, or source address) may "
+                                         "hold at once, e.g. 0.25."),
+    max_sessions: int = typer.Option(4096, help="Sessions open at once, from everybody."),
+    max_connections: int = typer.Option(1024, help="Connections per port, from everybody."),
+    max_connections_per_address: int = typer.Option(512, help="Connections per port from one source address."),
+):
+    """Hold a span of blocks and serve sessions over ZeroMQ until Ctrl-C.
+
+    Example: blockswarm serve --model smollm2 --blocks 0:15 --port 5551
+    Private: blockswarm serve --blocks 0:15 --keys keys/server1 --allow keys/clients"""
+    start, end = _parse_span(blocks)
+    for name, value in (("--port", port), ("--data-port", data_port)):
+        _require(0 <= value <= 65535, f"{name} must be a TCP port in 0..65535 (0 picks a free one), got {value}")
+    _require(threads is None or threads >= 1, f"--threads must be at least 1 (or left out), got {threads}")
+    _require(dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    with _interruptible("interrupted while starting; the server was not started"):
+        from blockswarm.core.errors import BlockswarmError
+        from blockswarm.runtime.server import ServeConfig, run_server
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+        try:
+            config = ServeConfig(model=model, start=start, end=end, host=host, port=port, data_port=data_port,
+                                 device=device, dtype=dtype, cache_tokens=cache_tokens,
+                                 session_timeout_s=session_timeout, threads=threads, prefill_budget=prefill_budget,
+                                 max_session_tokens=max_session_tokens, max_peer_share=max_peer_share,
+                                 max_sessions=max_sessions, max_connections=max_connections,
+                                 max_connections_per_address=max_connections_per_address, keys=keys, allow=allow)
+            config.check()
+            _check_span_in_model(model, start, end)
+            run_server(config)
+        except BlockswarmError as exc:
+            _fail(str(exc))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt."),
+    servers: str = typer.Option(..., help="Comma-separated host:port of servers, in any order."),
+    model: str = typer.Option("smollm2", help="The same model the servers hold (the client needs its head)."),
+    max_new_tokens: int = typer.Option(64, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    chat_template: bool = typer.Option(True, help="Wrap the prompt in the model's chat template."),
+    dtype: str = typer.Option("float32", help="The servers' dtype (float32, float16 or bfloat16); the client's "
+                              "head runs in it too."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for each server's reply before treating it as failed."),
+    keys: Optional[str] = typer.Option(None, help="DIR/NAME of this client's key pair, for a private swarm."),
+    known_servers: Optional[str] = typer.Option(None, help="File of `HOST:PORT PUBLIC_KEY_FILE` lines: the key "
+                                                "each private server must show."),
+):
+    """Generate text through a chain of servers: text on stdout, route and timings on stderr.
+
+    List spare servers too: one that fails mid-generation is replaced, and the output stays the same."""
+    addresses = _addresses(servers)
+    _require(max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    _require(temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    _require(0 < top_p <= 1, f"--top-p must be in (0, 1] (1 keeps every token), got {top_p}")
+    _require(dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    _require(timeout > 0, f"--timeout must be a positive number of seconds, got {timeout}")
+    client_keys = _client_keys(keys, known_servers)
+    with _interruptible("interrupted; generation stopped"):
+        result = _generate(prompt, addresses, model, max_new_tokens, temperature, top_p, seed, chat_template,
+                           dtype, timeout, client_keys)
+    sys.stdout.write("\n")
+    _report(result)
+
+
+def _client_keys(keys: Optional[str], known_servers: Optional[str]):
+    """A private swarm's client keys, or None; both flags or neither."""
+    _require((keys is None) == (known_servers is None),
+             "a private swarm needs both --keys DIR/NAME (this client's key pair) and --known-servers FILE "
+             "(each server's public key)")
+    if keys is None:
+        return None
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.runtime.security import ClientKeys
+
+    try:
+        return ClientKeys.load(keys, known_servers)
+    except BlockswarmError as exc:
+        _fail(str(exc))
+
+
+def _generate(prompt, addresses, model, max_new_tokens, temperature, top_p, seed, chat_template, dtype, timeout,
+              keys=None):
+    """Stream the text to stdout; a Ctrl-C ends the text's line before the caller says so on stderr."""
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.model.sampling import SamplingParams
+    from blockswarm.runtime.client import DistributedModel
+
+    try:
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        with DistributedModel.from_servers(addresses, model=model, timeout_s=timeout, dtype=dtype,
+                                           keys=keys) as model_:
+            return model_.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   chat_template=chat_template,
+                                   on_token=lambda _id, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+    except BlockswarmError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise
+
+
+@app.command()
+def info(
+    servers: str = typer.Option(..., help="Comma-separated host:port of servers to ask."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write what they answered to this file."),
+    timeout: float = typer.Option(5.0, help="Seconds to wait for each server."),
+    keys: Optional[str] = typer.Option(None, help="DIR/NAME of this client's key pair, for a private swarm."),
+    known_servers: Optional[str] = typer.Option(None, help="File of `HOST:PORT PUBLIC_KEY_FILE` lines."),
+):
+    """Ask servers what they hold and how loaded they are; exit code 1 if any does not answer."""
+    addresses = _addresses(servers)
+    client_keys = _client_keys(keys, known_servers)
+    _require(timeout > 0, f"--timeout must be a positive number of seconds, got {timeout}")
+    _check_writable(json_path, "--json")
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.runtime.connection import client_context, fetch_info
+
+    context = client_context()
+    answers, down = {}, {}
+    for address in addresses:
+        try:
+            answers[address] = fetch_info(context, address, timeout, client_keys)
+        except BlockswarmError as exc:
+            down[address] = str(exc)
+    for address, i in answers.items():
+        typer.echo(f"{address}  blocks {i.start}:{i.end} of {i.num_blocks}  {i.dtype}  "
+                   f"decode {i.block_decode_s * 1e3:.3f} ms/block/token  "
+                   f"cache {i.free_cache_tokens}/{i.cache_tokens} tokens free  sessions {i.sessions}  "
+                   f"model {i.model}")
+    for address, why in down.items():
+        typer.echo(f"{address}  down: {why}")
+    if json_path:
+        _write_json(json_path, "--json", {"up": {a: i.to_wire() for a, i in answers.items()}, "down": down})
+    if down:
+        raise typer.Exit(1)
+
+
+def _report(result) -> None:
+    from blockswarm.runtime.report import timing_report
+
+    typer.echo(timing_report(result), err=True)
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="The question to ask."),
+    servers: int = typer.Option(3, help="How many local server processes to split the model over."),
+    max_new_tokens: int = typer.Option(48, help="Stop after this many new tokens."),
+):
+    """Start local servers holding SmolLM2-135M in spans, answer a prompt through them, shut down."""
+    _require(servers >= 1, f"--servers must be at least 1, got {servers}")
+    _require(max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    with _interruptible("\nInterrupted; servers stopped."):
+        from blockswarm.core.errors import BlockswarmError
+        from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2, load_config
+        from blockswarm.model.families import num_blocks
+        from blockswarm.runtime.client import DistributedModel
+        from blockswarm.runtime.launcher import even_spans, local_swarm
+
+        try:
+            typer.echo("Preparing SmolLM2-135M-Instruct (converted once, then cached)...", err=True)
+            blocks = num_blocks(load_config(ensure_smollm2()))
+            _require(servers <= blocks, f"--servers {servers}: SmolLM2 has {blocks} blocks, so at most {blocks} "
+                                        "servers can each hold some")
+            spans = even_spans(blocks, servers)
+            typer.echo(f"Starting {servers} servers: " + ", ".join(f"blocks {a}:{b}" for a, b in spans), err=True)
+            with local_swarm(SMOLLM2, spans, ["--threads", "1"]) as addresses:
+                typer.echo(f"Servers ready at {', '.join(addresses)}", err=True)
+                with DistributedModel.from_servers(addresses, model=SMOLLM2) as model:
+                    typer.echo(f"\nQ: {prompt}\nA: ", nl=False)
+                    result = model.generate(prompt, max_new_tokens=max_new_tokens,
+                                            on_token=lambda _id, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+                typer.echo("\n")
+                _report(result)
+            typer.echo("Servers stopped.", err=True)
+        except BlockswarmError as exc:
+            _fail(str(exc))
+
+
+keys_app = typer.Typer(help="Key pairs for private swarms (ZeroMQ CURVE).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: str = typer.Argument(..., help="Name of the pair, e.g. server1 or alice."),
+    directory: str = typer.Option(".", "--dir", help="Directory to write NAME.key and NAME.key_secret into."),
+):
+    """Write a key pair: DIR/NAME.key (public: hand it out) and DIR/NAME.key_secret (mode 0600: keep it).
+
+    Example: blockswarm keys new server1 --dir keys && blockswarm keys new alice --dir keys/clients"""
+    from blockswarm.core.errors import BlockswarmError
+    from blockswarm.runtime.security import write_keypair
+
+    try:
+        public, secret = write_keypair(directory, name)
+    except BlockswarmError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write keys into {directory}: {exc.strerror}")
+    typer.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; never share it)")
