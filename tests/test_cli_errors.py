@@ -203,3 +203,20 @@ def test_ctrl_c_during_generate_ends_with_one_line_and_code_130(smollm2_dir):
     assert process.returncode == 130, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "interrupted" in lines[0], stderr
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_the_model(tmp_path):
+    """The ports are bound first: a port in use is one error line at once, not after the weights
+    load (the directory has a config but no weights, so loading would fail differently)."""
+    import socket
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 6, "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # no weights in it: loading them would fail
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = blockswarm("serve", "--model", str(tmp_path), "--blocks", "0:6", "--port", str(port))
+    assert_user_error(run, f"cannot listen on 127.0.0.1:{port}", "pick another --port")

@@ -579,3 +579,42 @@ def test_fuzzed_messages_get_clear_answers_and_an_honest_session_is_undisturbed(
         assert process.poll() is None
         expected = reference_greedy(llama, PROMPT, 8)
         assert results["runs"] and all(run == expected for run in results["runs"])
+
+
+def test_idle_connections_cannot_use_up_the_descriptors(llama):
+    """Under a descriptor limit of 256, 344 idle connections from one address made a server
+    unreachable while it spun at half a core. Its connections are now capped below the limit and
+    the surplus is cut: others still get in, and the server idles."""
+    import resource
+
+    def small_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    process = subprocess.Popen([sys.executable, "-m", "blockswarm", "serve", "--model", str(llama), "--blocks", "0:6",
+                                "--threads", "1"], stdout=subprocess.PIPE, text=True, preexec_fn=small_limit)
+    held = []
+    try:
+        address = wait_ready(process, 120)
+        host, port = address.rsplit(":", 1)
+        import socket
+
+        for _ in range(344):
+            connection = socket.socket()
+            connection.bind(("127.0.0.8", 0))
+            connection.connect((host, int(port)))
+            held.append(connection)
+        time.sleep(1.0)
+
+        def cpu_s() -> float:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        began, used = time.monotonic(), cpu_s()
+        assert fetch_info(zmq.Context.instance(), address, 5).sessions == 0
+        time.sleep(2.0)
+        assert (cpu_s() - used) / (time.monotonic() - began) < 0.2, "the server spins"
+        assert open_fds(process.pid) < 256
+    finally:
+        for connection in held:
+            connection.close()
+        stop_all([process])

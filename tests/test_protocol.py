@@ -11,7 +11,7 @@ import zmq
 
 from blockswarm.core.errors import BadRequest, CacheFull, LengthExceeded, PeerGone, TooLarge, UnknownSession
 from blockswarm.runtime.connection import fetch_info
-from blockswarm.runtime.protocol import decode, encode, error_reply, raise_if_error
+from blockswarm.runtime.protocol import PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply, raise_if_error
 from blockswarm.runtime.sessions import Limits, SessionTable
 
 
@@ -169,3 +169,36 @@ def test_an_address_where_nothing_listens_is_reported_not_awaited():
         address = f"127.0.0.1:{probe.getsockname()[1]}"
     with pytest.raises(PeerGone, match=f"nothing accepts connections at {address}.*is the server running"):
         fetch_info(zmq.Context.instance(), address, timeout_s=30)
+
+
+def info_fields(**changes) -> dict:
+    fields = dict(version=PROTOCOL_VERSION, model="abc", num_blocks=6, start=0, end=6, hidden_size=64,
+                  dtype="float32", cache_tokens=100, free_cache_tokens=100, sessions=0, block_decode_s=0.001,
+                  block_prefill_s_per_token=1e-5, block_prefill_base_s=1e-3, data_port=5000)
+    return {**fields, **changes}
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(end=7), "end must be between"),
+    (dict(start=6), "start must be between"),
+    (dict(block_decode_s=-0.001), "block_decode_s must be a positive"),
+    (dict(block_decode_s=0.0), "block_decode_s must be a positive"),
+    (dict(block_decode_s=float("nan")), "block_decode_s"),
+    (dict(version=1), "protocol 1, this client 2"),
+    (dict(num_blocks=True), "num_blocks must be an integer"),
+    (dict(model=["x"]), "model must be a string"),
+    (dict(dtype="int8"), "dtype must be one of"),
+    (dict(free_cache_tokens=101), "more than cache_tokens"),
+    (dict(data_port=70000), "data_port must be between"),
+])
+def test_what_a_server_says_of_itself_is_checked(changes, reason):
+    """A server reporting end > L crashed from_servers; a negative decode time attracted every route."""
+    with pytest.raises(BadRequest, match=reason):
+        ServerInfo.from_wire(info_fields(**changes))
+    assert ServerInfo.from_wire(info_fields()).end == 6
+
+
+@pytest.mark.parametrize("shape", [[2**40, 2**40, 0], [True, 4], [0, 64], [2**31 + 1, 1], [], [1] * 9])
+def test_hostile_shapes_are_bad_requests(shape):
+    with pytest.raises(BadRequest, match="shape must be"):
+        decode([msgpack.packb({"op": "step", "tensors": [{"dtype": "float32", "shape": shape}]}), b""])

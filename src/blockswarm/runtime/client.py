@@ -300,10 +300,9 @@ class DistributedModel:
             raise BadRequest("give at least one server address (host:port)")
         if dtype not in DTYPES:
             raise BadRequest(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        head = ClientHead.load(model, dtype=DTYPES[dtype])
         context = client_context()
         try:
-            infos, down = {}, {}
+            infos, down = {}, {}  # asked before the model loads: a refusal or a dead swarm is said at once
             for address in addresses:
                 try:
                     infos[address] = fetch_info(context, address, min(timeout_s, 10.0), keys)
@@ -314,6 +313,7 @@ class DistributedModel:
                 raise kind("no server answers: " + "; ".join(map(str, down.values())))
             for reason in down.values():  # the others may still cover the model
                 log.warning("skipping a server: %s", reason)
+            head = ClientHead.load(model, dtype=DTYPES[dtype])
             try:
                 built = cls(head, infos, context, timeout_s, keys)
             except Infeasible as exc:

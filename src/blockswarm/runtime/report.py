@@ -9,6 +9,7 @@ from blockswarm.runtime.chain import describe
 
 def timing_report(result) -> str:
     lines = [f"recovered: {repair}" for repair in result.repairs]
+    lines += [f"reopened: {reopen}" for reopen in result.reopens]
     lines.append("route: " + describe(result.chain))
     n = len(result.token_ids)
     lines.append(f"tokens: {n}   time to first token: {result.ttft_s * 1e3:.1f} ms   "

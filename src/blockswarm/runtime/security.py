@@ -38,13 +38,7 @@ class KeyPair:
         if not path.is_file():
             raise ConfigError(f"no secret key file {path}; make one with `blockswarm keys new NAME --dir DIR` "
                               "and pass --keys DIR/NAME")
-        try:
-            public, secret = zmq.auth.load_certificate(path)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"{path} is not a key file written by `blockswarm keys new` ({exc})") from None
-        if not secret:
-            raise ConfigError(f"{path} holds no secret key")
-        return cls(public, secret)
+        return cls(*_read_certificate(path, "secret"))
 
 
 def write_keypair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -84,13 +78,19 @@ def _write(path: Path, mode: int, content: str) -> None:
 
 
 def load_public_key(path: str | os.PathLike) -> bytes:
+    return _read_certificate(path, "public")[0]
+
+
+def _read_certificate(path: str | os.PathLike, need: str) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a certificate file; `need`: "public" or "secret"."""
     try:
-        public, _ = zmq.auth.load_certificate(path)
+        public, secret = zmq.auth.load_certificate(path)
     except (ValueError, OSError) as exc:
-        raise ConfigError(f"cannot read a public key from {path} ({exc})") from None
-    if not public:
-        raise ConfigError(f"{path} holds no public key")
-    return public
+        raise ConfigError(f"cannot read a {need} key from {path} ({exc}); "
+                          "write key files with `blockswarm keys new`") from None
+    if not public or (need == "secret" and not secret):
+        raise ConfigError(f"{path} holds no {need} key")
+    return public, secret
 
 
 def load_known_servers(path: str | os.PathLike) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ always get their turn.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -38,7 +39,8 @@ from blockswarm.runtime.steps import StepJob, StepQueue
 log = logging.getLogger("blockswarm.server")
 BATCH = 256  # messages handled per loop turn before expiry, guards and shutdown get theirs
 MAX_FRAMES = 8  # header and tensors; our messages have at most two, fewer than 8 get a clear error
-MAX_QUEUED_STEPS = 4096  # steps read but not yet computed; beyond it ZeroMQ holds them (per-peer bounded)
+MAX_QUEUED_STEPS = 4096
+DESCRIPTOR_RESERVE = 64  # descriptors kept for the model's files, libzmq's own signalling and the like  # steps read but not yet computed; beyond it ZeroMQ holds them (per-peer bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +84,17 @@ class ServeConfig:
 
 
 def port_limits(config: ServeConfig, max_tokens: int, hidden_size: int, itemsize: int) -> tuple[PortLimits, PortLimits]:
-    """What the control and data ports accept. Control messages are small headers; the largest
-    step carries one whole session's tokens, and a connection carries one session's steps, so
-    no honest data connection ever has more than one session's hidden states in flight."""
+    """What the control and data ports accept. Control messages are small headers (an honest
+    client sends one request at a time); the largest step carries one whole session's tokens, and
+    a connection carries one session's steps, so no honest data connection ever has more than one
+    session's hidden states in flight. Connections are capped below what the process's descriptor
+    limit allows: a server out of descriptors accepts nobody and libzmq spins retrying (seen: 344
+    idle connections under a limit of 256 made a server unreachable, at half a core)."""
     step_bytes = max_tokens * hidden_size * itemsize
-    common = dict(queue_per_peer=64, max_connections=config.max_connections,
-                  max_per_address=config.max_connections_per_address)
+    spare = max(2, (raise_descriptor_limit() - _open_descriptors() - DESCRIPTOR_RESERVE) // 2)
+    connections = min(config.max_connections, spare)
+    common = dict(queue_per_peer=64, max_connections=connections,
+                  max_per_address=min(config.max_connections_per_address, max(1, connections // 2)))
     # a message of more frames than MAX_FRAMES is no mistake of an honest client: its sender is cut
     control = PortLimits(max_frame_bytes=MAX_HEADER_BYTES, max_frames=MAX_FRAMES, max_backlog_bytes=2**18, **common)
     data = PortLimits(max_frame_bytes=max(MAX_HEADER_BYTES, step_bytes), max_frames=MAX_FRAMES,
@@ -104,7 +111,6 @@ class Endpoints:
         from blockswarm.runtime.security import KeyPair, start_gate
 
         pair = KeyPair.load(config.keys) if config.keys else None
-        raise_descriptor_limit()
         self.context = zmq.Context()
         self.gate = None
         self.guards: list[Guard] = []
@@ -413,6 +419,13 @@ def run_server(config: ServeConfig, server_class: type[Server] = Server) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     server.serve(announce)
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: assume little is open
+        return 16
 
 
 def _session_tokens(config: ServeConfig, context_tokens: int | None) -> int:

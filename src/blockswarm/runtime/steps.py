@@ -3,8 +3,9 @@
 A step may carry a whole prompt. Run in one go, a 16k-token prefill would hold the compute
 thread for seconds while every other session's decode step waited behind it. Instead each step
 is a job; the thread runs one slice of at most `budget` tokens from the job at the head of a
-round robin over sessions, then moves to the next session. A decode step therefore waits for at
-most one slice per other session with work, and a session's own steps stay in order. Torch-free:
+round robin over sessions, then moves to the next session. A decode step therefore waits for the
+slice that is running and at most one slice per other session with work, and a session's own
+steps stay in order. Torch-free:
 the caller runs the slices.
 """
 
@@ -42,6 +43,7 @@ class StepQueue:
         self.budget, self.max_jobs = budget_tokens, max_jobs
         self._jobs: dict[str, deque[StepJob]] = {}  # per session token, in arrival order
         self._turns: deque[str] = deque()  # sessions with work, in round-robin order
+        self._last: str | None = None  # the session that just had its turn and has more work
         self.size = 0
 
     def __len__(self) -> int:
@@ -54,7 +56,7 @@ class StepQueue:
     def push(self, job: StepJob) -> None:
         token = job.session.token
         queue = self._jobs.get(token)
-        if queue is None:
+        if queue is None:  # (a session waiting to rejoin, `_last`, still has its queue)
             queue = self._jobs[token] = deque()
             self._turns.append(token)
         queue.append(job)
@@ -62,17 +64,22 @@ class StepQueue:
 
     def head(self) -> StepJob | None:
         """The job whose turn it is (None when idle); call `advance` after running its slice."""
+        if self._last is not None:  # back in line behind the sessions that arrived during its slice
+            self._turns.append(self._last)
+            self._last = None
         return self._jobs[self._turns[0]][0] if self._turns else None
 
     def advance(self, finished: bool) -> None:
-        """After a slice of the head job: drop it if finished, and pass the turn to the next session."""
+        """After a slice of the head job: drop it if finished, and pass the turn to the next session.
+        A session with more work rejoins the round at the next `head`, after any session whose step
+        arrived meanwhile: a decode step waits for the slice that was running, not for one more."""
         token = self._turns.popleft()
         queue = self._jobs[token]
         if finished:
             queue.popleft()
             self.size -= 1
         if queue:
-            self._turns.append(token)
+            self._last = token
         else:
             del self._jobs[token]
 
@@ -81,6 +88,9 @@ class StepQueue:
         queue = self._jobs.pop(token, None)
         if queue is None:
             return []
-        self._turns.remove(token)
+        if self._last == token:
+            self._last = None
+        else:
+            self._turns.remove(token)
         self.size -= len(queue)
         return list(queue)
