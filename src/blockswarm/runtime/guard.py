@@ -29,6 +29,7 @@ import struct
 import sys
 import termios
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -86,6 +87,7 @@ class Guard:
     _byte_check: bool = sys.platform.startswith("linux")
     _next_full: float = 0.0
     trim_due: bool = False
+    _requests: deque = field(default_factory=deque)  # cuts asked for by the socket's owner thread
 
     @classmethod
     def attach(cls, socket: zmq.Socket, socket_name: str, limits: PortLimits, log: RateLimitedLog) -> "Guard":
@@ -96,7 +98,11 @@ class Guard:
         socket.setsockopt(zmq.HANDSHAKE_IVL, 5000)  # a peer that never finishes its handshake is dropped
         return cls(socket_name, limits, socket.get_monitor_socket(EVENTS), log)
 
-    # -- called by the socket's owner -------------------------------------------------------
+    # -- called by the socket's owner (only these two: `connections` belongs to the control thread)
+    def request_cut(self, fd: int, why: str) -> None:
+        """Ask for a sender to be cut and refused; done by the control thread within a loop turn."""
+        self._requests.append((fd, why))  # deque.append is thread-safe
+
     def consumed(self, fd: int, frames: list) -> None:
         connection = self.connections.get(fd)
         if connection is not None:
@@ -104,7 +110,8 @@ class Guard:
 
     # -- called by the control thread -------------------------------------------------------
     def events(self) -> None:
-        """Take every pending monitor event: admit or refuse new connections, forget closed ones."""
+        """Take every pending monitor event: admit or refuse new connections, forget closed ones;
+        then carry out the cuts the socket's owner asked for."""
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
             fd = int(event["value"])
@@ -112,10 +119,16 @@ class Guard:
                 self._admit(fd)
             elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
                 self.connections.pop(fd, None)
-            elif event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # refused keys: the gate logged who
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # e.g. a client without keys
+                # (refused keys are logged by the gate, with who; "no detail" is a peer that hung up
+                # mid-handshake, as port scanners and clients giving up do: not worth a line)
                 self.log.warning(f"handshake-{self.socket_name}",
                                  "%s port: a peer failed its handshake (%s): refused before reaching any session",
                                  self.socket_name, _event_name(event["event"]))
+        while self._requests:
+            fd, why = self._requests.popleft()
+            if fd in self.connections:
+                self.cut(fd, why, ban=True)
 
     @property
     def hot(self) -> bool:
@@ -148,7 +161,8 @@ class Guard:
                          f"(at most {self.limits.max_backlog_bytes / 2**20:.1f} MiB)", ban=True)
 
     def cut(self, fd: int, why: str, ban: bool) -> None:
-        """Drop one connection (libzmq notices the shut-down descriptor and frees its buffers)."""
+        """Drop one connection (libzmq notices the shut-down descriptor and frees its buffers).
+        Control thread only; the socket's owner uses `request_cut`."""
         connection = self.connections.pop(fd, None)
         address = connection.address if connection else "?"
         if ban and connection:

@@ -450,8 +450,8 @@ def _receive(socket: zmq.Socket, guard: Guard, max_frames: int, ratelog: RateLim
         frame = socket.recv(copy=False)
         if len(body) == max_frames:
             drained = _drain_message(socket) + 1
-            guard.cut(source_fd(frame), f"sent a message of {len(body) + drained} frames "
-                                        f"(at most {max_frames})", ban=True)
+            guard.request_cut(source_fd(frame), f"sent a message of {len(body) + drained} frames "
+                                                f"(at most {max_frames})")
             return None
         body.append(frame)
     guard.consumed(source_fd(identity) if not body else source_fd(body[0]), body)

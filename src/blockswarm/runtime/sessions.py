@@ -111,7 +111,7 @@ class SessionTable:
         """The session `token` names, if `owner` opened it. Leaves its idle clock alone: only a
         step that is accepted counts as use, so rejected requests cannot keep a session alive."""
         session = self.sessions.get(token) if isinstance(token, str) else None
-        if session is None or session.doomed or not secrets.compare_digest(session.owner, owner):
+        if session is None or session.doomed or not _same(session.owner, owner):
             # the same answer for "never existed" and "not yours": a stranger learns nothing
             raise UnknownSession("no open session with that token here (expired, closed or never opened); "
                                  "open it again")
@@ -148,7 +148,7 @@ class SessionTable:
     def close(self, token, owner: str) -> None:
         with self._lock:
             session = self.sessions.get(token) if isinstance(token, str) else None
-            if session is not None and secrets.compare_digest(session.owner, owner):
+            if session is not None and _same(session.owner, owner):
                 self._end(session)
 
     def drop(self, session: Session) -> None:
@@ -181,3 +181,8 @@ class SessionTable:
             self._by_owner[session.owner] = left
         else:
             self._by_owner.pop(session.owner, None)
+
+
+def _same(a: str, b: str) -> bool:
+    """Owner comparison in constant time (bytes: compare_digest refuses non-ASCII text)."""
+    return secrets.compare_digest(a.encode(), b.encode())
