@@ -17,8 +17,10 @@ speaks CURVE with the key the client knows for that server (`security.py`).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
+import numpy as np
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -202,7 +204,7 @@ class Connection:
             got = [(tuple(t.shape), str(t.dtype)) for t in out]
             raise BadPeer(f"{self.address} answered a step with a malformed tensor ({got} for "
                           f"{tuple(hidden.shape)} {hidden.dtype})")
-        if not torch.isfinite(out[0]).all():
+        if not _finite(out[0]):
             raise BadPeer(f"{self.address} answered a step with NaN or Inf hidden states")
         return out[0]
 
@@ -327,6 +329,16 @@ class Connection:
                 link.close()
         self._control = self._data = None
         self._closed = True
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a reply. This runs on every hop of every token, so cheaply: a finite sum
+    (numpy, ~2 µs; torch.isfinite().all() takes ~20) proves every element finite; only a sum that
+    is not (NaN, Inf, or an overflow) is looked at element by element."""
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return bool(torch.isfinite(tensor).all())
+    array = tensor.numpy()
+    return math.isfinite(array.sum(dtype=np.float64)) or bool(np.isfinite(array).all())  # float64: no overflow
 
 
 def fetch_info(context: zmq.Context, address: str, timeout_s: float = 10.0, keys=None) -> ServerInfo:

@@ -24,13 +24,13 @@ class StepJob:
     session: Any  # sessions.Session
     hidden: Any  # (1, n, hidden_size) entering the server
     received: float  # perf_counter when it arrived (for the reply's server_s)
+    tokens: int = 0  # tokens it carries (hidden.shape[1]; kept, as it is asked several times per step)
     done: int = 0  # tokens computed so far
     outputs: list = field(default_factory=list)  # one tensor per slice
     compute_s: float = 0.0
 
-    @property
-    def tokens(self) -> int:
-        return int(self.hidden.shape[1])
+    def __post_init__(self):
+        self.tokens = int(self.hidden.shape[1])
 
     def next_slice(self, budget: int) -> tuple[int, int]:
         return self.done, min(self.tokens, self.done + budget)
