@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import zmq
@@ -23,11 +23,13 @@ from blockswarm.core.errors import (
     BadPeer, BadRequest, BlockswarmError, CacheFull, Infeasible, PeerGone, Refused, ServerError, Timeout,
     UnknownSession,
 )
-from blockswarm.model.head import ClientHead
 from blockswarm.model.sampling import SamplingParams, next_token
 from blockswarm.runtime.chain import Hop, choose_chain, describe
 from blockswarm.runtime.connection import Connection, client_context, fetch_info
 from blockswarm.runtime.protocol import DTYPE_NAMES, DTYPES, ServerInfo
+
+if TYPE_CHECKING:  # the head needs transformers (~5 s to import): loaded once servers have answered
+    from blockswarm.model.head import ClientHead
 
 log = logging.getLogger("blockswarm.client")
 
@@ -313,6 +315,8 @@ class DistributedModel:
                 raise kind("no server answers: " + "; ".join(map(str, down.values())))
             for reason in down.values():  # the others may still cover the model
                 log.warning("skipping a server: %s", reason)
+            from blockswarm.model.head import ClientHead
+
             head = ClientHead.load(model, dtype=DTYPES[dtype])
             try:
                 built = cls(head, infos, context, timeout_s, keys)
