@@ -87,8 +87,7 @@ class _Link:
         """True when a reply waits; False on timeout; raises _Lost when the connection is gone."""
         events = dict(self.poller.poll(timeout_ms))
         if self.monitor in events:
-            event = recv_monitor_message(self.monitor)
-            raise _Lost(event["event"], event["value"])
+            raise _Lost(recv_monitor_message(self.monitor)["event"])
         return self.socket in events
 
     def close(self) -> None:
@@ -103,9 +102,9 @@ def _out_of_sockets(exc: zmq.ZMQError) -> BlockswarmError:
 
 
 class _Lost(Exception):
-    def __init__(self, event: int, value: int = 0):
+    def __init__(self, event: int):
         super().__init__(event)
-        self.event, self.value = event, value
+        self.event = event
 
 
 class Connection:

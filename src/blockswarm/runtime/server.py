@@ -12,7 +12,6 @@ always get their turn.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -25,12 +24,10 @@ from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError, Ser
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
-from blockswarm.runtime.guard import (
-    HOT_CHECK_S, Guard, PortLimits, give_memory_back, raise_descriptor_limit, source_fd,
-)
+from blockswarm.runtime.endpoints import Endpoints, port_limits, receive
+from blockswarm.runtime.guard import HOT_CHECK_S, Guard, give_memory_back
 from blockswarm.runtime.protocol import (
-    DTYPE_NAMES, DTYPES, MAX_HEADER_BYTES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply,
-    integer, keep_alive, ok, text,
+    DTYPE_NAMES, DTYPES, OPS, PROTOCOL_VERSION, ServerInfo, decode, encode, error_reply, integer, ok, text,
 )
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.sessions import Limits, SessionTable
@@ -38,9 +35,7 @@ from blockswarm.runtime.steps import StepJob, StepQueue
 
 log = logging.getLogger("blockswarm.server")
 BATCH = 256  # messages handled per loop turn before expiry, guards and shutdown get theirs
-MAX_FRAMES = 8  # header and tensors; our messages have at most two, fewer than 8 get a clear error
-MAX_QUEUED_STEPS = 4096
-DESCRIPTOR_RESERVE = 64  # descriptors kept for the model's files, libzmq's own signalling and the like  # steps read but not yet computed; beyond it ZeroMQ holds them (per-peer bounded)
+MAX_QUEUED_STEPS = 4096  # steps read but not yet computed; beyond it ZeroMQ holds them (per peer, bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,75 +78,6 @@ class ServeConfig:
                               "(the clients' public keys)")
 
 
-def port_limits(config: ServeConfig, max_tokens: int, hidden_size: int, itemsize: int) -> tuple[PortLimits, PortLimits]:
-    """What the control and data ports accept. Control messages are small headers (an honest
-    client sends one request at a time); the largest step carries one whole session's tokens, and
-    a connection carries one session's steps, so no honest data connection ever has more than one
-    session's hidden states in flight. Connections are capped below what the process's descriptor
-    limit allows: a server out of descriptors accepts nobody and libzmq spins retrying (seen: 344
-    idle connections under a limit of 256 made a server unreachable, at half a core)."""
-    step_bytes = max_tokens * hidden_size * itemsize
-    spare = max(2, (raise_descriptor_limit() - _open_descriptors() - DESCRIPTOR_RESERVE) // 2)
-    connections = min(config.max_connections, spare)
-    common = dict(queue_per_peer=64, max_connections=connections,
-                  max_per_address=min(config.max_connections_per_address, max(1, connections // 2)))
-    # a message of more frames than MAX_FRAMES is no mistake of an honest client: its sender is cut
-    control = PortLimits(max_frame_bytes=MAX_HEADER_BYTES, max_frames=MAX_FRAMES, max_backlog_bytes=2**18, **common)
-    data = PortLimits(max_frame_bytes=max(MAX_HEADER_BYTES, step_bytes), max_frames=MAX_FRAMES,
-                      max_backlog_bytes=step_bytes + step_bytes // 4 + 2**20, **common)
-    return control, data
-
-
-class Endpoints:
-    """The server's context and its two bound sockets with their guards, made before the model
-    loads: a port in use is an error at once, not after a minute of loading, and no connection
-    arrives before its limits are in place."""
-
-    def __init__(self, config: ServeConfig, limits: tuple[PortLimits, PortLimits], ratelog: RateLimitedLog):
-        from blockswarm.runtime.security import KeyPair, start_gate
-
-        pair = KeyPair.load(config.keys) if config.keys else None
-        self.context = zmq.Context()
-        self.gate = None
-        self.guards: list[Guard] = []
-        self.private = pair is not None
-        try:
-            if pair:
-                self.gate = start_gate(self.context, config.allow, ratelog)
-            self.control = self._router(config.host, config.port, "--port", pair, limits[0], "control", ratelog)
-            self.data = self._router(config.host, config.data_port, "--data-port", pair, limits[1], "data", ratelog)
-        except BaseException:
-            self.close()
-            raise
-
-    def _router(self, host: str, port: int, flag: str, pair, limits: PortLimits, name: str,
-                ratelog: RateLimitedLog) -> zmq.Socket:
-        from blockswarm.runtime.security import secure_server
-
-        socket = self.context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        keep_alive(socket)  # connections of vanished clients are dropped
-        if pair:
-            secure_server(socket, pair)
-        self.guards.append(Guard.attach(socket, name, limits, ratelog))
-        try:
-            if port:
-                socket.bind(f"tcp://{host}:{port}")
-            else:
-                socket.bind_to_random_port(f"tcp://{host}")
-        except zmq.ZMQError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port or 'a free port'} ({exc.strerror}); "
-                              f"pick another {flag} or stop what listens there") from None
-        return socket
-
-    def close(self) -> None:
-        for guard in self.guards:
-            guard.close()
-        if self.gate is not None:
-            self.gate.stop()
-        self.context.destroy(linger=0)
-
-
 class Server:
     def __init__(self, config: ServeConfig, span: Span, profile: SpanProfile, fingerprint: str,
                  context_tokens: int | None = None, endpoints: Endpoints | None = None):
@@ -159,13 +85,12 @@ class Server:
         config.check()
         self.config, self.span, self.profile, self.fingerprint = config, span, profile, fingerprint
         self.hidden_size, self.dtype = span.hidden_size, span.dtype  # (a config lookup costs µs per step)
-        self.log = RateLimitedLog(log)
         max_tokens = _session_tokens(config, context_tokens)
         self.table = SessionTable(span.start, span.end, config.cache_tokens,
                                   Limits(max_tokens, config.max_sessions, config.max_peer_share))
-        self.control_limits, self.data_limits = port_limits(config, max_tokens, span.hidden_size,
-                                                            _itemsize(span.dtype))
-        self.endpoints = endpoints or Endpoints(config, (self.control_limits, self.data_limits), self.log)
+        self.endpoints = endpoints or Endpoints(
+            config, port_limits(config, max_tokens, span.hidden_size, span.dtype.itemsize), RateLimitedLog(log))
+        self.log = self.endpoints.log
         self.steps = StepQueue(config.prefill_budget, MAX_QUEUED_STEPS)
         self._peer_property = "User-Id" if self.endpoints.private else "Peer-Address"  # who owns a session
         self.address: str | None = None
@@ -181,7 +106,7 @@ class Server:
         model_config = load_config(path)
         context_tokens = getattr(model_config, "max_position_embeddings", None)
         limits = port_limits(config, _session_tokens(config, context_tokens), int(model_config.hidden_size),
-                             _itemsize(DTYPES[config.dtype]))
+                             DTYPES[config.dtype].itemsize)
         endpoints = Endpoints(config, limits, RateLimitedLog(log))
         try:
             if config.threads:
@@ -268,7 +193,7 @@ class Server:
     def _serve_batch(self, socket: zmq.Socket, guard: Guard, handler) -> None:
         """Answer at most BATCH waiting control messages, so a flood cannot starve the rest of the loop."""
         for _ in range(BATCH):
-            message = _receive(socket, guard, self.control_limits.max_frames, self._peer_property)
+            message = receive(socket, guard, self._peer_property)
             if message is None:
                 return
             identity, body, peer = message
@@ -292,7 +217,7 @@ class Server:
         for _ in range(BATCH):
             if self.steps.full:
                 return
-            message = _receive(data, guard, self.data_limits.max_frames, self._peer_property)
+            message = receive(data, guard, self._peer_property)
             if message is None:
                 return
             identity, body, peer = message
@@ -423,56 +348,8 @@ def run_server(config: ServeConfig, server_class: type[Server] = Server) -> None
     server.serve(announce)
 
 
-def _open_descriptors() -> int:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:  # no /proc: assume little is open
-        return 16
-
-
 def _session_tokens(config: ServeConfig, context_tokens: int | None) -> int:
     return min(config.max_session_tokens or context_tokens or config.cache_tokens, config.cache_tokens)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
-
-
-def _receive(socket: zmq.Socket, guard: Guard, max_frames: int, peer_property: str):
-    """One waiting message as (routing id, body frames, peer), or None when none waits. A message
-    with more than `max_frames` body frames is read to its end and dropped, and its sender cut:
-    libzmq delivers a message whole, so the frames must be drained, but only once per peer.
-    `peer_property`: "User-Id" (the CURVE key) in a private swarm, else "Peer-Address".
-    (This runs for every step: it asks ZMQ_EVENTS rather than catching zmq.Again, and reads
-    the routing id as bytes; each saves microseconds that turn into tens right after a wake-up.)"""
-    if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-        return None
-    identity = socket.recv()
-    body = []
-    while True:
-        frame = socket.recv(copy=False)
-        if len(body) == max_frames:
-            drained = _drain_message(socket) + 1
-            guard.request_cut(source_fd(frame), f"sent a message of {len(body) + drained} frames "
-                                                f"(at most {max_frames})")
-            return None
-        body.append(frame)
-        if not frame.more:
-            break
-    guard.consumed(source_fd(body[0]), body)
-    try:
-        peer = body[0].get(peer_property) or "?"
-    except zmq.ZMQError:
-        peer = "?"
-    return identity, body, peer
-
-
-def _drain_message(socket: zmq.Socket) -> int:
-    count = 0
-    while socket.rcvmore:
-        socket.recv()
-        count += 1
-    return count
 
 
 def _rid(header: dict):
