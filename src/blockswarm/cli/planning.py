@@ -12,7 +12,7 @@ from blockswarm.cli.common import _check_writable, _fail, _interruptible, _requi
 def _names(policies: str) -> list[str]:
     """Policy names, each checked before the first simulation runs (not after the others finished)."""
     from blockswarm.core.errors import ConfigError
-    from blockswarm.sim.runner import parse_policy
+    from blockswarm.planner.registry import parse_policy
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     _require(bool(names), f"--policies needs at least one policy, e.g. --policies petals,cgbprr; got {policies!r}")
@@ -27,7 +27,8 @@ def _names(policies: str) -> list[str]:
 @app.command()
 def plan(
     scenario: str = typer.Argument(..., help="Scenario YAML file, e.g. scenarios/clustered-9.yaml."),
-    policy: str = typer.Option("cgbprr", help="petals, cgbprr, wsrr, milp or rr-ilp."),
+    policy: str = typer.Option("cgbprr", help="petals, cgbprr (CG-BP placement + WS-RR routing; wsrr is the same), "
+                               "milp, rr-ilp, or a PLACEMENT+ROUTING pair such as cgbp+shortest."),
     r: Optional[int] = typer.Option(None, "--R", help="Concurrent requests to size for (default: from the "
                                     "workload's rate, R = round(λT + sqrt(λT)))."),
     milp_requests: int = typer.Option(10, help="The MILP solves for at most this many concurrent requests."),

@@ -1,7 +1,10 @@
-"""Policies by name, and `plan`: one offline decision (placement + a route per client) with its predictions.
+"""Policies by name — the one way every caller (`plan`, the simulator, the coordinator) picks one —
+and `plan`: one offline decision (placement + a route per client) with its predictions.
 
-Placements and routers are registered separately so the simulator can pair them
-(`PLACEMENT+ROUTING`); `plan` knows the five whole policies of the planner issue.
+Placements and routers are registered separately so that callers can pair them
+(`PLACEMENT+ROUTING`); shorthands name the published pairs, with one meaning everywhere:
+`petals` = PETALS placement and routing, `cgbprr` = CG-BP placement with WS-RR routing (`wsrr`
+is kept as another name for it). `plan` also knows the exact policies `milp` and `rr-ilp`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from blockswarm.planner import cgbprr, petals, wsrr
 from blockswarm.planner.view import SwarmView
 
 
-def _place_petals(scenario: Scenario, R: int) -> Placement:
-    return petals.place(scenario)
+def _place_petals(scenario: Scenario, R: int, seed: int | None = None) -> Placement:
+    return petals.place(scenario, seed)
 
 
-def _place_cgbp(scenario: Scenario, R: int) -> Placement:
+def _place_cgbp(scenario: Scenario, R: int, seed: int | None = None) -> Placement:
     return cgbprr.place(scenario, R).placement
 
 
@@ -28,11 +31,35 @@ def _route_wsrr(view: SwarmView, request: Request) -> Route:
     return wsrr.route(view, request).route
 
 
-PLACEMENTS: dict[str, Callable[[Scenario, int], Placement]] = {"petals": _place_petals, "cgbp": _place_cgbp}
+# placement(scenario, R, seed) -> Placement; R is what CG-BP sizes for (PETALS ignores it), the
+# seed is PETALS' join order (CG-BP ignores it)
+PLACEMENTS: dict[str, Callable[..., Placement]] = {"petals": _place_petals, "cgbp": _place_cgbp}
 ROUTERS: dict[str, Callable[[SwarmView, Request], Route]] = {
     "petals": petals.route, "shortest": cgbprr.route, "wsrr": _route_wsrr,
 }
-POLICIES = ("petals", "cgbprr", "wsrr", "milp", "rr-ilp")
+# routers that may answer with a route whose cache frees up later: the caller reserves at once
+# and starts the request then (the others' callers queue the request until its route has room)
+WAITING_ROUTERS = frozenset({"wsrr"})
+SHORTHANDS = {"petals": "petals+petals", "cgbprr": "cgbp+wsrr", "wsrr": "cgbp+wsrr"}
+EXACT = ("milp", "rr-ilp")
+POLICIES = ("petals", "cgbprr", "wsrr", *EXACT)  # plan's named policies; any PLACEMENT+ROUTING pair too
+
+
+def parse_policy(name: str) -> tuple[str, str]:
+    """`PLACEMENT+ROUTING` or a shorthand -> (placement, routing); a clear error for anything else."""
+    full = SHORTHANDS.get(name, name)
+    placement, sep, routing = full.partition("+")
+    if not sep or placement not in PLACEMENTS or routing not in ROUTERS:
+        raise ConfigError(f"unknown policy {name!r}: give PLACEMENT+ROUTING with PLACEMENT in {sorted(PLACEMENTS)} "
+                          f"and ROUTING in {sorted(ROUTERS)}, or a shorthand: {', '.join(SHORTHANDS)}")
+    return placement, routing
+
+
+def decide(routing: str, view: SwarmView, request: Request) -> wsrr.RoutingDecision:
+    """A route and when it may start (now, unless the router waits for cache: see WAITING_ROUTERS)."""
+    if routing == "wsrr":
+        return wsrr.route(view, request)
+    return wsrr.RoutingDecision(ROUTERS[routing](view, request), view.now)
 
 
 @dataclass
@@ -84,22 +111,26 @@ def petals_concurrency(placement: Placement) -> int:
 
 def plan(scenario: Scenario, policy: str, R: int | None = None, milp_requests: int = 10,
          time_limit_s: float = 60.0) -> PlanResult:
-    if policy not in POLICIES:
-        raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     clients = range(len(scenario.clients))
-    if policy == "petals":
-        placement = petals.place(scenario)
-        view = SwarmView(scenario, placement)
-        routes = {c: petals.route(view, default_request(scenario, c)) for c in clients}
-        return PlanResult(policy, scenario, placement, routes, petals_concurrency(placement),
-                          notes=["PETALS sizes its cache without regard to R; R is what its caches hold"])
-    R = R or wsrr.choose_R(scenario)
-    if policy in ("cgbprr", "wsrr"):
+    if policy not in EXACT:
+        try:
+            placement_name, routing = parse_policy(policy)
+        except ConfigError:
+            raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} or a "
+                              f"PLACEMENT+ROUTING pair ({'/'.join(PLACEMENTS)} + {'/'.join(ROUTERS)})") from None
+        router = ROUTERS[routing]
+        if placement_name == "petals":
+            placement = petals.place(scenario)
+            view = SwarmView(scenario, placement)
+            routes = {c: router(view, default_request(scenario, c)) for c in clients}
+            return PlanResult(policy, scenario, placement, routes, petals_concurrency(placement),
+                              notes=["PETALS sizes its cache without regard to R; R is what its caches hold"])
+        R = R or wsrr.choose_R(scenario)
         result = cgbprr.place(scenario, R)
         view = SwarmView(scenario, result.placement)
-        router = cgbprr.route if policy == "cgbprr" else _route_wsrr
         routes = {c: router(view, default_request(scenario, c)) for c in clients}
         return PlanResult(policy, scenario, result.placement, routes, R, result.bound_per_token_s)
+    R = R or wsrr.choose_R(scenario)
     # The exact policies import HiGHS only when asked for: the simulator and the heuristics never need it.
     if policy == "rr-ilp":
         from blockswarm.planner import rr_ilp

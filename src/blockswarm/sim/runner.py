@@ -12,24 +12,13 @@ from dataclasses import dataclass
 
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Request, Scenario
-from blockswarm.planner import cgbprr, petals, wsrr
-from blockswarm.planner.registry import PLACEMENTS, ROUTERS
+from blockswarm.planner import wsrr
+from blockswarm.planner.registry import PLACEMENTS, parse_policy
 from blockswarm.sim.engine import Engine
 from blockswarm.sim.events import Arrival, ServerFailure, ServerJoin
 from blockswarm.sim.metrics import RequestRecord, occupancy_stats, summarize
 from blockswarm.sim.workload import generate
 from blockswarm.sim.world import World
-
-SHORTHANDS = {"petals": "petals+petals", "cgbprr": "cgbp+wsrr"}
-
-
-def parse_policy(name: str) -> tuple[str, str]:
-    full = SHORTHANDS.get(name, name)
-    placement, sep, routing = full.partition("+")
-    if not sep or placement not in PLACEMENTS or routing not in ROUTERS:
-        raise ConfigError(f"policy {name!r} must be PLACEMENT+ROUTING with PLACEMENT in {sorted(PLACEMENTS)} and "
-                          f"ROUTING in {sorted(ROUTERS)}, or a shorthand: {', '.join(SHORTHANDS)}")
-    return placement, routing
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +75,7 @@ def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Requ
     placement_name, routing = parse_policy(policy)
     if placement_name == "cgbp":
         R = R or wsrr.choose_R(scenario)
-        placement = cgbprr.place(scenario, R).placement
-    else:
-        placement = petals.place(scenario, seed)
+    placement = PLACEMENTS[placement_name](scenario, R, seed)
     if requests is None:
         requests = generate(scenario, seed, burstiness=burstiness)
     too_long = [r for r in requests if r.prompt_tokens + r.output_tokens > scenario.workload.max_tokens]

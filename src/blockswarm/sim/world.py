@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
 from blockswarm.perf.model import route_time
-from blockswarm.planner import wsrr
-from blockswarm.planner.registry import ROUTERS
+from blockswarm.planner.registry import ROUTERS, WAITING_ROUTERS, decide
 from blockswarm.planner.routing import block_index, has_room
 from blockswarm.planner.view import SwarmView
 from blockswarm.sim.events import Completion, DecodeStep, FirstToken, Retry, Start
@@ -123,8 +122,8 @@ class World:
                                                              request.prompt_tokens, request.output_tokens)
         view = self.view(now)
         try:
-            if self.router == "wsrr":
-                decision = wsrr.route(view, request)
+            if self.router in WAITING_ROUTERS:
+                decision = decide(self.router, view, request)
                 return self._reserve(request, decision.route, now, decision.start_s)
             route = self._route(view, request)
         except Infeasible:  # no route at all right now (a server is down): wait for a join
