@@ -2,14 +2,15 @@
 
 Heavy imports (torch, transformers, zmq) happen inside the commands that need them, so planning
 and simulating start instantly. `swarm` holds the commands that run servers and clients,
-`planning` those that plan and simulate; both register on the one `app`.
+`planning` those that plan and simulate, `coordination` the coordinator and `status`; all register
+on the one `app`.
 """
 
 from __future__ import annotations
 
 import typer
 
-from blockswarm.cli import planning, swarm  # noqa: F401  (registers the commands)
+from blockswarm.cli import coordination, planning, swarm  # noqa: F401  (registers the commands)
 from blockswarm.cli.common import app
 
 

@@ -17,14 +17,21 @@ from blockswarm.cli.common import (
 @app.command()
 def serve(
     model: str = typer.Option("smollm2", help="`smollm2` (embedded) or a local Hugging Face model directory."),
-    blocks: str = typer.Option(..., help="Blocks to hold, START:END with END exclusive, e.g. 10:20."),
+    blocks: Optional[str] = typer.Option(None, help="Blocks to hold, START:END with END exclusive, e.g. 10:20 "
+                                         "(or leave it to a --coordinator)."),
+    coordinator: Optional[str] = typer.Option(None, help="host:port of a coordinator that places this server "
+                                              "(instead of --blocks)."),
+    memory: Optional[str] = typer.Option(None, help="With --coordinator: memory this server offers for weights "
+                                         "and cache, e.g. 8GiB or 300MiB (default: 90% of a GPU's free memory, "
+                                         "half the free RAM on a CPU)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(0, help="Control port (info/open/close); 0 picks a free one (printed in the READY line)."),
     data_port: int = typer.Option(0, help="Port for steps (hidden states); 0 picks a free one, which clients learn "
                                   "from the server. Fix it when a firewall must let it through."),
     device: str = typer.Option("cpu", help="torch device for the blocks, e.g. cpu or cuda."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
-    cache_tokens: int = typer.Option(16384, help="KV-cache budget in tokens for the whole span, shared by sessions."),
+    cache_tokens: int = typer.Option(16384, help="KV-cache budget in tokens for the whole span, shared by sessions "
+                                     "(with --coordinator, --memory decides it)."),
     session_timeout: float = typer.Option(300.0, help="Close sessions idle for this many seconds."),
     threads: Optional[int] = typer.Option(None, help="torch threads for compute (default: torch's choice)."),
     keys: Optional[str] = typer.Option(None, help="DIR/NAME of this server's key pair (from `blockswarm keys new`): "
@@ -44,8 +51,29 @@ def serve(
     """Hold a span of blocks and serve sessions over ZeroMQ until Ctrl-C.
 
     Example: blockswarm serve --model smollm2 --blocks 0:15 --port 5551
+    Placed by a coordinator: blockswarm serve --coordinator 127.0.0.1:5550 --memory 300MiB
     Private: blockswarm serve --blocks 0:15 --keys keys/server1 --allow keys/clients"""
-    start, end = _parse_span(blocks)
+    _require((blocks is None) != (coordinator is None),
+             "give --blocks START:END (the blocks to hold) or --coordinator HOST:PORT (to be placed), not both")
+    _require(memory is None or coordinator is not None, "--memory is what a server offers a coordinator; "
+             "use it with --coordinator (without one, --cache-tokens sizes the cache)")
+    start, end = _parse_span(blocks) if blocks else (0, 0)
+    memory_bytes = None
+    if memory is not None:
+        from blockswarm.core.errors import BlockswarmError
+        from blockswarm.runtime.member import parse_memory
+
+        try:
+            memory_bytes = parse_memory(memory)
+        except BlockswarmError as exc:
+            _fail(str(exc))
+    if coordinator is not None:
+        from blockswarm.runtime.coordinator.link import parse_address
+
+        try:
+            parse_address(coordinator)
+        except Exception as exc:  # BadRequest: the message says what an address looks like
+            _fail(f"--coordinator: {exc}")
     for name, value in (("--port", port), ("--data-port", data_port)):
         _require(0 <= value <= 65535, f"{name} must be a TCP port in 0..65535 (0 picks a free one), got {value}")
     _require(threads is None or threads >= 1, f"--threads must be at least 1 (or left out), got {threads}")
@@ -61,8 +89,14 @@ def serve(
                                  session_timeout_s=session_timeout, threads=threads, prefill_budget=prefill_budget,
                                  max_session_tokens=max_session_tokens, max_peer_share=max_peer_share,
                                  max_sessions=max_sessions, max_connections=max_connections,
-                                 max_connections_per_address=max_connections_per_address, keys=keys, allow=allow)
+                                 max_connections_per_address=max_connections_per_address, keys=keys, allow=allow,
+                                 coordinator=coordinator, memory=memory_bytes)
             config.check()
+            if coordinator is not None:
+                from blockswarm.runtime.member import run_member
+
+                run_member(config)
+                return
             _check_span_in_model(model, start, end)
             run_server(config)
         except BlockswarmError as exc:
@@ -72,7 +106,10 @@ def serve(
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt."),
-    servers: str = typer.Option(..., help="Comma-separated host:port of servers, in any order."),
+    servers: Optional[str] = typer.Option(None, help="Comma-separated host:port of servers, in any order."),
+    coordinator: Optional[str] = typer.Option(None, help="host:port of the swarm's coordinator (instead of "
+                                              "--servers): it hands out the route."),
+    wait: float = typer.Option(120.0, help="With --coordinator: seconds to wait until the swarm covers the model."),
     model: str = typer.Option("smollm2", help="The same model the servers hold (the client needs its head)."),
     max_new_tokens: int = typer.Option(64, help="Stop after this many new tokens."),
     temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples."),
@@ -88,8 +125,13 @@ def generate(
 ):
     """Generate text through a chain of servers: text on stdout, route and timings on stderr.
 
-    List spare servers too: one that fails mid-generation is replaced, and the output stays the same."""
-    addresses = _addresses(servers)
+    List spare servers too: one that fails mid-generation is replaced, and the output stays the same.
+    Example: blockswarm generate --coordinator 127.0.0.1:5550 --max-new-tokens 24 "What is 2+2?"
+    """
+    _require((servers is None) != (coordinator is None),
+             "give --servers HOST:PORT,... or --coordinator HOST:PORT (not both)")
+    _require(wait >= 0, f"--wait must be >= 0 seconds, got {wait}")
+    addresses = _addresses(servers) if servers else [coordinator]
     _require(max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     _require(temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {temperature}")
     _require(0 < top_p <= 1, f"--top-p must be in (0, 1] (1 keeps every token), got {top_p}")
@@ -98,7 +140,7 @@ def generate(
     client_keys = _client_keys(keys, known_servers)
     with _interruptible("interrupted; generation stopped"):
         result = _generate(prompt, addresses, model, max_new_tokens, temperature, top_p, seed, chat_template,
-                           dtype, timeout, client_keys)
+                           dtype, timeout, client_keys, coordinator=coordinator, wait=wait)
     sys.stdout.write("\n")
     _report(result)
 
@@ -120,7 +162,7 @@ def _client_keys(keys: Optional[str], known_servers: Optional[str]):
 
 
 def _generate(prompt, addresses, model, max_new_tokens, temperature, top_p, seed, chat_template, dtype, timeout,
-              keys=None):
+              keys=None, coordinator=None, wait=120.0):
     """Stream the text to stdout; a Ctrl-C ends the text's line before the caller says so on stderr."""
     from blockswarm.core.errors import BlockswarmError
     from blockswarm.model.sampling import SamplingParams
@@ -128,8 +170,13 @@ def _generate(prompt, addresses, model, max_new_tokens, temperature, top_p, seed
 
     try:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        with DistributedModel.from_servers(addresses, model=model, timeout_s=timeout, dtype=dtype,
-                                           keys=keys) as model_:
+        if coordinator is not None:
+            opened = DistributedModel.from_coordinator(
+                coordinator, model=model, timeout_s=timeout, dtype=dtype, keys=keys, wait_s=wait,
+                on_wait=lambda message: typer.echo(message, err=True))
+        else:
+            opened = DistributedModel.from_servers(addresses, model=model, timeout_s=timeout, dtype=dtype, keys=keys)
+        with opened as model_:
             return model_.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                                    chat_template=chat_template,
                                    on_token=lambda _id, delta: (sys.stdout.write(delta), sys.stdout.flush()))

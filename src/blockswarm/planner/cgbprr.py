@@ -103,8 +103,8 @@ def place(scenario: Scenario, R: int) -> CgbpResult:
     return CgbpResult(placement, R, K, bound, tuple(order))
 
 
-def route(view: SwarmView, request: Request) -> Route:
+def route(view: SwarmView, request: Request, start: int = 0) -> Route:
     """Shortest path on the feasibility DAG with per-token costs t_cj + τ_j·k (load ignored)."""
     scenario = view.scenario
     return memo_route(view, ("shortest", request.client),
-                      lambda j, a, b: hop_decode_s(scenario, request.client, j, b - a))
+                      lambda j, a, b: hop_decode_s(scenario, request.client, j, b - a), start)

@@ -63,7 +63,7 @@ def place(scenario: Scenario, seed: int | None = None) -> Placement:
     return Placement(tuple(sorted(spans, key=lambda s: s.server)), L)
 
 
-def route(view: SwarmView, request: Request) -> Route:
+def route(view: SwarmView, request: Request, start: int = 0) -> Route:
     scenario = view.scenario
     client = scenario.clients[request.client]
 
@@ -75,7 +75,7 @@ def route(view: SwarmView, request: Request) -> Route:
         return rtt / 2 + HOP_OVERHEAD_S + blocks * spec.decode_s + penalty
 
     # The penalty only adds cost, so the unpenalized shortest route wins whenever it has room.
-    static = memo_route(view, ("petals", request.client), lambda j, a, b: cost(j, a, b, penalize=False))
+    static = memo_route(view, ("petals", request.client), lambda j, a, b: cost(j, a, b, penalize=False), start)
     if has_room(view, static):
         return static
-    return shortest_route(view.placement, cost, view.index)[1]
+    return shortest_route(view.placement, cost, view.index, start)[1]

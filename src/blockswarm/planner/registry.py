@@ -27,14 +27,14 @@ def _place_cgbp(scenario: Scenario, R: int, seed: int | None = None) -> Placemen
     return cgbprr.place(scenario, R).placement
 
 
-def _route_wsrr(view: SwarmView, request: Request) -> Route:
-    return wsrr.route(view, request).route
+def _route_wsrr(view: SwarmView, request: Request, start: int = 0) -> Route:
+    return wsrr.route(view, request, start).route
 
 
 # placement(scenario, R, seed) -> Placement; R is what CG-BP sizes for (PETALS ignores it), the
 # seed is PETALS' join order (CG-BP ignores it)
 PLACEMENTS: dict[str, Callable[..., Placement]] = {"petals": _place_petals, "cgbp": _place_cgbp}
-ROUTERS: dict[str, Callable[[SwarmView, Request], Route]] = {
+ROUTERS: dict[str, Callable[..., Route]] = {  # (view, request, start=0) -> Route
     "petals": petals.route, "shortest": cgbprr.route, "wsrr": _route_wsrr,
 }
 # routers that may answer with a route whose cache frees up later: the caller reserves at once
@@ -55,11 +55,12 @@ def parse_policy(name: str) -> tuple[str, str]:
     return placement, routing
 
 
-def decide(routing: str, view: SwarmView, request: Request) -> wsrr.RoutingDecision:
-    """A route and when it may start (now, unless the router waits for cache: see WAITING_ROUTERS)."""
+def decide(routing: str, view: SwarmView, request: Request, start: int = 0) -> wsrr.RoutingDecision:
+    """A route (from block boundary `start`: a tail, when a hop failed) and when it may start (now,
+    unless the router waits for cache: see WAITING_ROUTERS)."""
     if routing == "wsrr":
-        return wsrr.route(view, request)
-    return wsrr.RoutingDecision(ROUTERS[routing](view, request), view.now)
+        return wsrr.route(view, request, start)
+    return wsrr.RoutingDecision(ROUTERS[routing](view, request, start), view.now)
 
 
 @dataclass

@@ -17,13 +17,15 @@ from blockswarm.core.specs import Hop, Placement, Route
 HopCost = Callable[[int, int, int], float | None]  # (server, start, end) -> cost, None to forbid
 
 
-def memo_route(view, key: tuple, hop_cost: HopCost) -> Route:
-    """The shortest route under a load-independent cost, remembered in the view's memo (one per
-    placement, owned by the caller) so that a stream of requests pays for Dijkstra once per key."""
+def memo_route(view, key: tuple, hop_cost: HopCost, start: int = 0) -> Route:
+    """The shortest route (from block boundary `start`) under a load-independent cost, remembered in
+    the view's memo (one per placement, owned by the caller) so that a stream of requests pays for
+    Dijkstra once per key."""
     memo = view.memo
+    key = (*key, start)
     if memo is not None and key in memo:
         return memo[key]
-    route = shortest_route(view.placement, hop_cost, view.index)[1]
+    route = shortest_route(view.placement, hop_cost, view.index, start)[1]
     if memo is not None:
         memo[key] = route
     return route

@@ -25,12 +25,13 @@ class RoutingDecision:
     # so that a start equals the end it waited for exactly (float rounding would overlap them)
 
 
-def route(view: SwarmView, request: Request) -> RoutingDecision:
+def route(view: SwarmView, request: Request, start: int = 0) -> RoutingDecision:
+    """`start` > 0: the tail of a route from that block boundary (a failed hop's replacement)."""
     scenario = view.scenario
     # Exact shortcut: waiting only adds to a route's cost, so the shortest route without waiting
     # is optimal whenever all its hops have room now (the common case when R is sized well).
     static = memo_route(view, ("wsrr", request.client, request.prompt_tokens, request.output_tokens),
-                        lambda j, a, b: hop_service_s(scenario, request, j, b - a))
+                        lambda j, a, b: hop_service_s(scenario, request, j, b - a), start)
     if has_room(view, static):
         return RoutingDecision(static, view.now)
     free_at: dict[tuple[int, int], float] = {}
@@ -43,7 +44,7 @@ def route(view: SwarmView, request: Request) -> RoutingDecision:
         return (ready - view.now) + hop_service_s(scenario, request, server, end - start)
 
     try:
-        chosen = shortest_route(view.placement, cost, view.index)[1]
+        chosen = shortest_route(view.placement, cost, view.index, start)[1]
     except Infeasible:
         raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
     return RoutingDecision(chosen, max(free_at[(h.server, h.blocks)] for h in chosen.hops))

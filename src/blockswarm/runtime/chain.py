@@ -6,7 +6,7 @@ time for the blocks it computes plus a fixed per-hop overhead, so fast servers a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Placement, Span
@@ -21,6 +21,7 @@ class Hop:
     address: str
     start: int
     end: int
+    ticket: str | None = field(default=None, compare=False)  # the coordinator's permission to open there
 
 
 def describe(hops: list[Hop]) -> str:

@@ -61,8 +61,9 @@ class DistributedModel:
         self.context = context or client_context()
         self.timeout_s = timeout_s
         self.keys = keys
+        self.coordinator = None  # set by from_coordinator
         self._check_servers()
-        self.chain = choose_chain(self.infos, head.num_blocks)
+        self.chain = choose_chain(self.infos, head.num_blocks) if self.infos else []  # (coordinated: per session)
         self._lock = threading.Lock()  # sessions in several threads may report failures at once
 
     @classmethod
@@ -103,6 +104,8 @@ class DistributedModel:
 
     def close(self) -> None:
         """Release the ZeroMQ context this model made (close its sessions first)."""
+        if self.coordinator is not None:
+            self.coordinator.stop()
         if self._owns_context and not self.context.closed:
             self.context.destroy(linger=0)
 
@@ -121,7 +124,19 @@ class DistributedModel:
             if info.dtype != dtype:
                 raise BadRequest(f"{address} runs {info.dtype}; the client runs {dtype}")
 
-    def session(self, max_length: int) -> InferenceSession:
+    @classmethod
+    def from_coordinator(cls, address: str, model: str = "smollm2", timeout_s: float = 60.0,
+                         dtype: str = "float32", keys=None, wait_s: float = 120.0,
+                         on_wait: Callable[[str], None] | None = None) -> DistributedModel:
+        """A model whose sessions each get their route from the coordinator at `address`. Waits up
+        to `wait_s` until the swarm covers the model (`on_wait` hears what it waits for)."""
+        from blockswarm.runtime.coordinated import connect
+
+        return connect(cls, address, model, timeout_s, dtype, keys, wait_s, on_wait)
+
+    def session(self, max_length: int, prompt_tokens: int | None = None) -> InferenceSession:
+        """A session for `max_length` tokens (`prompt_tokens` of them the prompt: a coordinator
+        plans with it; a client without one ignores it)."""
         step_bytes = max_length * self.head.hidden_size * self.head.dtype.itemsize
         return InferenceSession(self.context, self.chain, max_length, self.timeout_s, reroute=self._reroute,
                                 step_bytes=step_bytes, keys=self.keys)
@@ -152,7 +167,7 @@ class DistributedModel:
         stops = self.head.stop_token_ids() if stop_at_eos else set()
         new, latencies, text = [], [], ""
         begin = time.perf_counter()
-        with self.session(len(ids) + max_new_tokens) as session:
+        with self.session(len(ids) + max_new_tokens, prompt_tokens=len(ids)) as session:
             inputs = torch.tensor([ids])
             ttft = 0.0
             for index in range(max_new_tokens):

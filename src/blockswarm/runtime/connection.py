@@ -141,11 +141,12 @@ class Connection:
     def _connect(self, port: int, max_reply_bytes: int) -> _Link:
         return _Link(self._context, f"tcp://{self.host}:{port}", self.heartbeat_s, max_reply_bytes, self._secure)
 
-    def open(self, start: int, max_length: int, step_bytes: int) -> dict:
+    def open(self, start: int, max_length: int, step_bytes: int, ticket: str | None = None) -> dict:
         """Open a session entering at block `start` for `max_length` tokens; `step_bytes`: the
-        largest step reply it can get (all its tokens at once). Re-learns the data port each time
-        (a restarted server has a new one)."""
-        header, _ = self.request("open", start=start, max_length=max_length)
+        largest step reply it can get (all its tokens at once); `ticket`: the coordinator's, in a
+        coordinated swarm. Re-learns the data port each time (a restarted server has a new one)."""
+        extra = {"ticket": ticket} if ticket is not None else {}
+        header, _ = self.request("open", start=start, max_length=max_length, **extra)
         token, port = header.get("session"), header.get("data_port")
         if not isinstance(token, str) or not isinstance(port, int) or not 0 < port < 65536:
             raise BadPeer(f"{self.address} answered 'open' without a session token and data port")

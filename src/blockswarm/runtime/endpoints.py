@@ -12,7 +12,7 @@ import zmq
 
 from blockswarm.core.errors import ConfigError
 from blockswarm.runtime.guard import Guard, PortLimits, raise_descriptor_limit, source_fd
-from blockswarm.runtime.protocol import MAX_HEADER_BYTES, keep_alive
+from blockswarm.runtime.messages import MAX_HEADER_BYTES, keep_alive
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.security import KeyPair, secure_server, start_gate
 
@@ -61,20 +61,8 @@ class Endpoints:
 
     def _router(self, host: str, port: int, flag: str, pair, limits: PortLimits, name: str,
                 ratelog: RateLimitedLog) -> zmq.Socket:
-        socket = self.context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        keep_alive(socket)  # connections of vanished clients are dropped
-        if pair:
-            secure_server(socket, pair)
-        self.guards.append(Guard.attach(socket, name, limits, ratelog))
-        try:
-            if port:
-                socket.bind(f"tcp://{host}:{port}")
-            else:
-                socket.bind_to_random_port(f"tcp://{host}")
-        except zmq.ZMQError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port or 'a free port'} ({exc.strerror}); "
-                              f"pick another {flag} or stop what listens there") from None
+        socket, guard = bind_router(self.context, host, port, flag, pair, limits, name, ratelog)
+        self.guards.append(guard)
         return socket
 
     def close(self) -> None:
@@ -83,6 +71,29 @@ class Endpoints:
         if self.gate is not None:
             self.gate.stop()
         self.context.destroy(linger=0)
+
+
+def bind_router(context: zmq.Context, host: str, port: int, flag: str, pair, limits: PortLimits, name: str,
+                ratelog: RateLimitedLog) -> tuple[zmq.Socket, Guard]:
+    """A ROUTER bound to host:port (0: a free port) with heartbeats, its guard, and CURVE if `pair`
+    is given; a port in use is a ConfigError naming `flag`."""
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    keep_alive(socket)  # connections of vanished peers are dropped
+    if pair:
+        secure_server(socket, pair)
+    guard = Guard.attach(socket, name, limits, ratelog)
+    try:
+        if port:
+            socket.bind(f"tcp://{host}:{port}")
+        else:
+            socket.bind_to_random_port(f"tcp://{host}")
+    except zmq.ZMQError as exc:
+        guard.close()
+        socket.close(linger=0)
+        raise ConfigError(f"cannot listen on {host}:{port or 'a free port'} ({exc.strerror}); "
+                          f"pick another {flag} or stop what listens there") from None
+    return socket, guard
 
 
 def receive(socket: zmq.Socket, guard: Guard, peer_property: str):

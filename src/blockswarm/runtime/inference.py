@@ -80,7 +80,8 @@ class InferenceSession:
 
     def __init__(self, context: zmq.Context, chain: list[Hop], max_length: int, timeout_s: float = 60.0,
                  reroute: Reroute | None = None, max_repairs: int | None = None, step_bytes: int = 2**26,
-                 keys=None):
+                 keys=None, on_close: Callable[[], None] | None = None):
+        """`on_close`: called once when the session closes (a coordinated client releases its reservation)."""
         self.max_length = max_length
         self.legs: list[_Leg] = []
         self.repairs: list[str] = []  # servers that failed or were full, and where their blocks went
@@ -93,6 +94,7 @@ class InferenceSession:
         self._avoid: set[str] = set()  # servers that failed this session or had no cache room for it
         self._reopened: dict[str, int] = {}
         self._spare: list[_Leg] = []  # legs taken out of the chain during a repair, reusable until it ends
+        self._on_close = on_close
         try:
             try:
                 self._splice(0, chain)
@@ -210,7 +212,7 @@ class InferenceSession:
             inputs = list(inputs if inputs is not None else carried or [])
             connection = self._connection_for(hop.address)
             self.legs.append(_Leg(hop, connection, HopTiming(hop.address), inputs))
-            connection.open(hop.start, self.max_length, self._step_bytes)
+            connection.open(hop.start, self.max_length, self._step_bytes, hop.ticket)
             carried = connection.replay(inputs) if inputs else []
         for leg in self._spare:  # hops this session left: free their cache now, not at expiry
             self._close_leg(leg)
@@ -234,6 +236,9 @@ class InferenceSession:
             self._close_leg(leg)
         self.legs.clear()
         self._spare.clear()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
     def __enter__(self):
         return self

@@ -11,6 +11,7 @@ always get their turn.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError, ServerError, UnknownSession
+from blockswarm.core.errors import BadRequest, BlockswarmError, CacheFull, ConfigError, ServerError, UnknownSession
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
@@ -32,6 +33,7 @@ from blockswarm.runtime.protocol import (
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.sessions import Limits, SessionTable
 from blockswarm.runtime.steps import StepJob, StepQueue
+from blockswarm.runtime.tickets import Ticket, TicketBook
 
 log = logging.getLogger("blockswarm.server")
 BATCH = 256  # messages handled per loop turn before expiry, guards and shutdown get theirs
@@ -41,8 +43,8 @@ MAX_QUEUED_STEPS = 4096  # steps read but not yet computed; beyond it ZeroMQ hol
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     model: str
-    start: int
-    end: int
+    start: int = 0  # the span; with a coordinator, the coordinator assigns it
+    end: int = 0
     host: str = "127.0.0.1"
     port: int = 0  # control port; 0: pick a free port and report it in the READY line
     data_port: int = 0  # steps; 0: pick a free port (clients learn it from the open reply)
@@ -59,6 +61,8 @@ class ServeConfig:
     max_connections_per_address: int = 512  # per port, from one source address
     keys: str | None = None  # DIR/NAME of this server's CURVE key pair: a private swarm
     allow: str | None = None  # directory of the public keys (*.key) of the clients admitted
+    coordinator: str | None = None  # host:port of the coordinator that places this server (no --blocks)
+    memory: int | None = None  # bytes this server offers a coordinator (weights + cache); None: measured
 
     def check(self) -> None:
         """Values a user typed; each error says what to change."""
@@ -73,6 +77,8 @@ class ServeConfig:
             raise ConfigError(f"--session-timeout must be positive, got {self.session_timeout_s}")
         if not 0 < self.max_peer_share <= 1:
             raise ConfigError(f"--max-peer-share must be in (0, 1], got {self.max_peer_share}")
+        if self.coordinator is None and not 0 <= self.start < self.end:
+            raise ConfigError("give --blocks START:END, or --coordinator HOST:PORT to have a coordinator place it")
         if (self.keys is None) != (self.allow is None):
             raise ConfigError("a private server needs both --keys DIR/NAME (its own key pair) and --allow DIR "
                               "(the clients' public keys)")
@@ -80,8 +86,10 @@ class ServeConfig:
 
 class Server:
     def __init__(self, config: ServeConfig, span: Span, profile: SpanProfile, fingerprint: str,
-                 context_tokens: int | None = None, endpoints: Endpoints | None = None):
-        """`context_tokens`: the model's context length, the default limit of one session."""
+                 context_tokens: int | None = None, endpoints: Endpoints | None = None,
+                 ticket_secret: str | None = None):
+        """`context_tokens`: the model's context length, the default limit of one session.
+        `ticket_secret`: in a coordinated swarm, sessions open only with the coordinator's tickets."""
         config.check()
         self.config, self.span, self.profile, self.fingerprint = config, span, profile, fingerprint
         self.hidden_size, self.dtype = span.hidden_size, span.dtype  # (a config lookup costs µs per step)
@@ -92,6 +100,9 @@ class Server:
             config, port_limits(config, max_tokens, span.hidden_size, span.dtype.itemsize), RateLimitedLog(log))
         self.log = self.endpoints.log
         self.steps = StepQueue(config.prefill_budget, MAX_QUEUED_STEPS)
+        self.ticket_secret = ticket_secret
+        self.tickets = TicketBook()
+        self.draining = False  # moving to another span: no new sessions
         self._peer_property = "User-Id" if self.endpoints.private else "Peer-Address"  # who owns a session
         self.address: str | None = None
         self.data_port: int | None = None
@@ -132,6 +143,17 @@ class Server:
     def stop(self) -> None:
         """Ask the serving loop to finish (safe from signal handlers and other threads)."""
         self._stop.set()
+
+    def swap(self, span: Span, cache_tokens: int) -> None:
+        """Serve another span (the coordinator moved this server); only once no session is open."""
+        if self.table.sessions or self.steps:
+            raise BadRequest("cannot move while sessions are open")
+        limits = self.table.limits
+        self.config = dataclasses.replace(self.config, start=span.start, end=span.end, cache_tokens=cache_tokens)
+        self.span = span
+        self.table = SessionTable(span.start, span.end, cache_tokens, limits)
+        self.tickets = TicketBook()
+        self.draining = False
 
     def serve(self, on_ready=None) -> None:
         """Serve until stop(). Two sockets, one per thread (ZeroMQ sockets are not thread-safe):
@@ -318,25 +340,48 @@ class Server:
         if op == "info":
             return ok(rid, **self.info().to_wire())
         if op == "open":
-            start = integer(header, "start", 0, 10**9)
-            if "end" in header and integer(header, "end", 0, 10**9) != self.span.end:
-                raise BadRequest(f"a route that enters this server computes to the end of its span, block "
-                                 f"{self.span.end}; ask for end={self.span.end} or leave end out")
-            session = self.table.open(start, integer(header, "max_length", 1, 10**9), peer, self.span.new_cache)
-            return ok(rid, session=session.token, reserved=session.max_length, data_port=self.data_port)
+            return self._open(header, peer, rid)
         if op == "close":
             self.table.close(text(header, "session"), peer)
             return ok(rid)
         raise BadRequest(f"unknown op {_op_name(header)}; expected one of {', '.join(OPS)}")
 
 
+    def _open(self, header: dict, peer: str, rid) -> dict:
+        if self.draining:
+            raise CacheFull("this server is moving to other blocks and opens no new sessions; ask the coordinator "
+                            "for another route")
+        start = integer(header, "start", 0, 10**9)
+        if "end" in header and integer(header, "end", 0, 10**9) != self.span.end:
+            raise BadRequest(f"a route that enters this server computes to the end of its span, block "
+                             f"{self.span.end}; ask for end={self.span.end} or leave end out")
+        max_length = integer(header, "max_length", 1, 10**9)
+        terms = None
+        if self.ticket_secret is not None:  # coordinated: only the coordinator's reservations open sessions
+            terms = Ticket.check(self.ticket_secret, header.get("ticket"), start, max_length)
+            previous = self.tickets.previous(terms.reservation)
+            if previous is not None:  # one live session per ticket: a reopening replaces the old one
+                self.table.close(previous, peer)
+        session = self.table.open(start, max_length, peer, self.span.new_cache)
+        if terms is not None:
+            if len(self.tickets._sessions) > 4 * self.config.max_sessions:
+                self.tickets.forget_closed(self.table.sessions)
+            self.tickets.record(terms.reservation, session.token)
+        return ok(rid, session=session.token, reserved=session.max_length, data_port=self.data_port)
+
+
 def run_server(config: ServeConfig, server_class: type[Server] = Server) -> None:
     """Bind, load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM.
     (`server_class`: tests run hostile variants of the server through the same start-up.)"""
-    server = server_class.load(config)
+    announce_ready(server_class.load(config))
+
+
+def announce_ready(server: Server) -> None:
+    """Serve until SIGINT/SIGTERM, printing one READY line with the address and speed once serving."""
 
     def announce(srv: Server) -> None:
         p = srv.profile
+        config = srv.config
         print(f"READY {srv.address} blocks {config.start}:{config.end} data port {srv.data_port} "
               f"decode {p.block_decode_s * 1e3:.3f} ms/block/token "
               f"prefill {p.block_prefill_s_per_token * 1e3:.4f} ms/token + {p.block_prefill_base_s * 1e3:.3f} ms per block"

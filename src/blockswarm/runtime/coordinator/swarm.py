@@ -1,0 +1,539 @@
+"""The coordinator's decisions over live state: who holds which blocks, and which route each session takes.
+
+No sockets here (the service feeds it messages, the benchmark drives it directly) and no torch.
+Every decision goes through the planner's registry: placement with `PLACEMENTS[...]` and
+`planner.live` (joins and repairs), routing with `registry.decide` on a `SwarmView` built from
+live state — the servers' measured per-block times and memory, each client's measured RTT to
+each server, and the cache slots held by reservations. One policy, two worlds: the simulator
+builds the same view from simulated state.
+
+Units follow the planner: a server's cache is counted in slots (block-sessions sized for
+`session_tokens` tokens, s_c of the performance model); a hop over k blocks holds k slots.
+Times are wall-clock seconds (`time.time()`), so they survive a restart in the state file.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+from blockswarm.core.errors import BadRequest, CacheFull, ConfigError, Infeasible, TooLarge
+from blockswarm.core.specs import (
+    ClientSpec, ModelSpec, NetworkSpec, Placement, Request, Scenario, ServerSpec, Span, WorkloadSpec,
+)
+from blockswarm.perf.model import route_time
+from blockswarm.planner import live, wsrr
+from blockswarm.planner.registry import PLACEMENTS, decide, parse_policy
+from blockswarm.planner.routing import block_index
+from blockswarm.planner.view import SwarmView
+from blockswarm.runtime.coordinator.store import Store
+from blockswarm.runtime.tickets import Ticket, new_secret
+
+HEARTBEAT_S = 1.0  # servers report their load this often...
+MISSES = 3  # ...and one silent for this many periods is gone
+SETTLE_S = 2.0  # servers that join within this window of each other are placed together
+GRACE_S = 15.0  # after a restart, servers on record must report within this or are dropped
+DEFAULT_RTT_S = 0.001  # a client-server pair nobody has measured yet (loopback/LAN scale)
+DEFAULT_RATE = 0.1  # requests/s assumed for R before any arrival was seen (the scenario default)
+RATE_WINDOW_S = 300.0  # arrival rate measured over this sliding window...
+RATE_MIN_ARRIVALS = 5  # ...once it holds this many arrivals
+TICKET_S = 600.0  # a ticket opens sessions for this long after it was issued
+GONE_KEPT_S = 300.0  # a gone server stays in `status` this long
+TYPICAL_TOKENS = 64  # prompt and output lengths for predictions and R (not for cache sizing)
+STATES = ("loading", "serving", "draining", "gone")
+
+
+@dataclass
+class ServerRecord:
+    id: str
+    address: str  # control host:port
+    data_port: int
+    device: str
+    memory_bytes: int
+    block_decode_s: float
+    block_prefill_s_per_token: float
+    block_prefill_base_s: float
+    secret: str  # tickets for this server are signed with it
+    key: str | None = None  # its CURVE public key (z85), as authenticated, in a private swarm
+    start: int | None = None
+    end: int | None = None
+    slots: int = 0  # block-sessions the coordinator may reserve here
+    cache_tokens: int = 0  # the server's cache budget, tokens per block of its span
+    state: str = "loading"
+    loaded: bool = False  # the server reported serving its assigned span
+    free_cache_tokens: int = 0
+    sessions: int = 0
+    joined: float = 0.0
+    last_seen: float = 0.0
+
+
+@dataclass
+class Reservation:
+    id: str
+    client: str
+    hops: list[list]  # [server id, start, end] per hop
+    max_length: int
+    start_at: float  # when every hop has its slots (WS-RR may answer with a later time)
+    expected_end: float
+    lease_until: float  # a vanished client's reservation is dropped then
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    model: str  # the name servers must report (e.g. smollm2)
+    policy: str = "cgbprr"
+    R: int | None = None  # fixed R; None: from the measured arrival rate
+    session_tokens: int = 2048  # the longest session (prompt + new tokens) cache is sized for
+    hop_overhead_s: float = 0.001  # the runtime's per-hop transport cost, t_cj = RTT + this
+    hold_s: float = 30.0  # a request WS-RR would start later than this gets cache_full instead
+
+
+@dataclass
+class Swarm:
+    config: SwarmConfig
+    store: Store | None = None
+    clock: object = time.time
+    servers: dict[str, ServerRecord] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+    clients: dict[str, float] = field(default_factory=dict)  # client id -> last seen
+    rtts: dict[tuple[str, str], float] = field(default_factory=dict)  # (client, server id) -> RTT
+    shape: dict | None = None  # the model as the first server reported it
+    R_placed: int | None = None
+    last_join: float = 0.0
+    log: list[str] = field(default_factory=list)  # decisions worth telling (the service prints them)
+    arrivals: deque = field(default_factory=deque)
+
+    def __post_init__(self):
+        self.placement_name, self.routing = parse_policy(self.config.policy)
+        self._cache: dict = {}  # scenario, indices, placement, view parts; cleared on any change
+        if self.store is not None:
+            self._restore()
+
+    # -- persistence --------------------------------------------------------------------------
+    def _restore(self) -> None:
+        meta = self.store.load("meta")
+        self.shape = meta.get("shape")
+        self.R_placed = meta.get("R_placed")
+        now = self.clock()
+        for key, value in self.store.load("servers").items():
+            record = ServerRecord(**value)
+            if record.state != "gone":  # it must report within the grace period (see expire)
+                record.last_seen = now + GRACE_S - HEARTBEAT_S * MISSES
+            self.servers[key] = record
+        for key, value in self.store.load("reservations").items():
+            self.reservations[key] = Reservation(**value)
+        for key, value in self.store.load("rtts").items():
+            client, server = key.split(" ")
+            self.rtts[(client, server)] = value
+        if self.servers:
+            self.log.append(f"restored {len(self.servers)} servers and {len(self.reservations)} reservations; "
+                            f"servers have {GRACE_S:.0f} s to report back")
+
+    def _save_server(self, record: ServerRecord) -> None:
+        if self.store is not None:
+            self.store.put("servers", record.id, asdict(record))
+
+    def _save_meta(self) -> None:
+        if self.store is not None:
+            self.store.put("meta", "shape", self.shape)
+            self.store.put("meta", "R_placed", self.R_placed)
+
+    def _changed(self) -> None:
+        self._cache.clear()
+
+    # -- servers ------------------------------------------------------------------------------
+    def register(self, info: dict, key: str | None = None) -> ServerRecord:
+        """A server joins (or comes back): `info` is checked by the service; returns its record."""
+        shape = {k: info[k] for k in ("model", "fingerprint", "num_blocks", "hidden_size", "d_kv",
+                                      "params_per_block", "dtype", "itemsize")}
+        if shape["model"] != self.config.model:
+            raise ConfigError(f"this coordinator serves model {self.config.model!r}; the server holds "
+                              f"{shape['model']!r}")
+        if self.shape is None:
+            self.shape = shape
+            self._save_meta()
+        elif shape != self.shape:
+            raise ConfigError(f"the server's model ({shape['fingerprint']}, {shape['dtype']}) differs from the "
+                              f"swarm's ({self.shape['fingerprint']}, {self.shape['dtype']}); run the same model "
+                              "and --dtype everywhere")
+        now = self.clock()
+        for old in self.servers.values():  # the same address registering again: it restarted
+            if old.address == info["address"] and old.state != "gone":
+                self._mark_gone(old, "registered again (restarted)")
+        record = ServerRecord(
+            id=secrets.token_hex(8), address=info["address"], data_port=info["data_port"], device=info["device"],
+            memory_bytes=info["memory_bytes"], block_decode_s=info["block_decode_s"],
+            block_prefill_s_per_token=info["block_prefill_s_per_token"],
+            block_prefill_base_s=info["block_prefill_base_s"], secret=new_secret(), key=key,
+            joined=now, last_seen=now)
+        if info.get("start") is not None:  # it already serves a span (the coordinator lost its state)
+            self._adopt(record, info["start"], info["end"])
+        self.servers[record.id] = record
+        self.last_join = now
+        self._save_server(record)
+        self._changed()
+        self.log.append(f"server {record.address} joined: {record.memory_bytes / 2**30:.2f} GiB, {record.device}, "
+                        f"{record.block_decode_s * 1e3:.3f} ms/block/token")
+        return record
+
+    def heartbeat(self, server_id: str, report: dict) -> ServerRecord:
+        record = self.servers.get(server_id)
+        if record is None or record.state == "gone":
+            raise BadRequest("unknown server: register again")
+        record.last_seen = self.clock()
+        record.free_cache_tokens, record.sessions = report["free_cache_tokens"], report["sessions"]
+        serving = report["state"] == "serving"
+        span_ok = (report.get("start"), report.get("end")) == (record.start, record.end)
+        if serving and span_ok and (record.state == "loading" or not record.loaded):
+            record.state, record.loaded = "serving", True
+            self.log.append(f"server {record.address} serves blocks {record.start}:{record.end}")
+            self._changed()
+            self._save_server(record)
+        return record
+
+    def assignment(self, record: ServerRecord) -> dict | None:
+        if record.start is None:
+            return None
+        return {"start": record.start, "end": record.end, "cache_tokens": record.cache_tokens,
+                "session_tokens": self.config.session_tokens}
+
+    def _adopt(self, record: ServerRecord, start: int, end: int) -> None:
+        scenario = self._scenario_with(record)
+        index = len(scenario.servers) - 1
+        self._assign(record, live.span_for(self.placement_name, scenario, index, start, end - start), scenario)
+        record.loaded = True
+        record.state = "serving"
+
+    def _assign(self, record: ServerRecord, span: Span, scenario: Scenario) -> None:
+        record.start, record.end, record.slots = span.start, span.end, span.slots
+        record.cache_tokens = self._cache_tokens(scenario, record, span.length)
+        record.loaded, record.state = False, "loading"
+        self._save_server(record)
+
+    def _cache_tokens(self, scenario: Scenario, record: ServerRecord, blocks: int) -> int:
+        """What the server's memory leaves after its weights, in tokens per block of its span."""
+        free = record.memory_bytes - scenario.model.block_bytes * blocks
+        per_token_block = 2 * scenario.model.d_kv * scenario.model.kv_bytes
+        return max(0, int(free // (per_token_block * blocks)))
+
+    def _mark_gone(self, record: ServerRecord, why: str) -> None:
+        record.state, record.loaded = "gone", False
+        record.last_seen = self.clock()
+        self._save_server(record)
+        self._changed()
+        self.log.append(f"server {record.address} is gone ({why})")
+
+    def leave(self, server_id: str) -> None:
+        record = self.servers.get(server_id)
+        if record is not None and record.state != "gone":
+            self._mark_gone(record, "left")
+
+    def expire(self) -> None:
+        """Servers that missed their heartbeats are gone; vanished clients' reservations are dropped."""
+        now = self.clock()
+        for record in list(self.servers.values()):
+            if record.state != "gone" and now - record.last_seen > HEARTBEAT_S * MISSES:
+                self._mark_gone(record, f"no heartbeat for {now - record.last_seen:.1f} s")
+            elif record.state == "gone" and now - record.last_seen > GONE_KEPT_S:
+                del self.servers[record.id]
+                if self.store is not None:
+                    self.store.delete("servers", record.id)
+        for reservation in [r for r in self.reservations.values() if r.lease_until < now]:
+            self.release(reservation.id)
+
+    # -- placement ----------------------------------------------------------------------------
+    def members(self) -> list[ServerRecord]:
+        """Servers that are not gone, in join order: the scenario's servers, index for index."""
+        if "members" not in self._cache:
+            self._cache["members"] = sorted((r for r in self.servers.values() if r.state != "gone"),
+                                            key=lambda r: (r.joined, r.id))
+        return self._cache["members"]
+
+    def place(self) -> None:
+        """Place servers waiting for a span, once no server joined for SETTLE_S; restore coverage."""
+        members = self.members()
+        if not members or self.shape is None:
+            return
+        waiting = [r for r in members if r.start is None]
+        settled = self.clock() - self.last_join >= SETTLE_S
+        if waiting and settled:
+            scenario = self.scenario()
+            index = {r.id: i for i, r in enumerate(members)}
+            placed = [r for r in members if r.start is not None]
+            if not placed:
+                self._place_all(scenario, members)
+            else:
+                R = self.R_placed or 1
+                spans = live.extend(self.placement_name, scenario, self._placement(placed, scenario),
+                                    [index[r.id] for r in waiting], R)
+                for span in spans:
+                    self._assign(members[span.server], span, scenario)
+                    self.log.append(f"placed the newcomer {members[span.server].address} on blocks "
+                                    f"{span.start}:{span.end}")
+            self._changed()
+        self._repair()
+
+    def _place_all(self, scenario: Scenario, members: list[ServerRecord]) -> None:
+        try:
+            R = self.current_R(scenario)
+            placement = PLACEMENTS[self.placement_name](scenario, R, 0)
+        except Infeasible as exc:
+            if self._cache.get("said") != str(exc):
+                self.log.append(f"cannot place the swarm yet: {exc}")
+            self._cache["said"] = str(exc)
+            return
+        self.R_placed = R
+        self._save_meta()
+        for span in placement.spans:
+            self._assign(members[span.server], span, scenario)
+        described = ", ".join(f"{members[s.server].address}[{s.start}:{s.end}]" for s in placement.spans)
+        self.log.append(f"placed {len(placement.spans)} servers with {self.placement_name} for R={R}: {described}")
+
+    def _repair(self) -> None:
+        """Blocks nobody holds: move idle servers onto them (their own blocks stay covered)."""
+        members = self.members()
+        holders = [r for r in members if r.start is not None]
+        if not holders or any(r.start is None for r in members):
+            return
+        scenario = self.scenario()
+        placement = self._placement(holders, scenario)
+        if not live.missing_blocks(placement):
+            return
+        index = {r.id: i for i, r in enumerate(members)}
+        busy = self._busy_servers()
+        idle = [index[r.id] for r in holders if r.state == "serving" and r.sessions == 0 and r.id not in busy]
+        moves = live.repair(self.placement_name, scenario, placement, idle, self.R_placed or 1)
+        for span in moves:
+            record = members[span.server]
+            self.log.append(f"moving idle server {record.address} from {record.start}:{record.end} to "
+                            f"{span.start}:{span.end} to cover blocks nobody holds")
+            self._assign(record, span, scenario)
+        if moves:
+            self._changed()
+
+    def _busy_servers(self) -> set[str]:
+        return {hop[0] for r in self.reservations.values() for hop in r.hops}
+
+    def current_R(self, scenario: Scenario) -> int:
+        if self.config.R is not None:
+            return self.config.R
+        return wsrr.choose_R(scenario, self.arrival_rate())
+
+    def arrival_rate(self) -> float:
+        now = self.clock()
+        while self.arrivals and self.arrivals[0] < now - RATE_WINDOW_S:
+            self.arrivals.popleft()
+        if len(self.arrivals) < RATE_MIN_ARRIVALS:
+            return DEFAULT_RATE
+        return len(self.arrivals) / RATE_WINDOW_S
+
+    # -- the planner's view of the live swarm -------------------------------------------------
+    def scenario(self) -> Scenario:
+        if "scenario" not in self._cache:
+            self._cache["scenario"] = self._build_scenario(self.members())
+        return self._cache["scenario"]
+
+    def _scenario_with(self, extra: ServerRecord) -> Scenario:
+        return self._build_scenario([*self.members(), extra])
+
+    def _build_scenario(self, members: list[ServerRecord]) -> Scenario:
+        shape, config = self.shape, self.config
+        model = ModelSpec(shape["model"], shape["num_blocks"], shape["hidden_size"], shape["d_kv"],
+                          shape["params_per_block"], weight_bytes_per_param=float(shape["itemsize"]),
+                          kv_bytes=shape["itemsize"])
+        servers = tuple(ServerSpec(r.address, r.id, float(r.memory_bytes), r.block_decode_s,
+                                   r.block_prefill_s_per_token, r.block_prefill_base_s, r.device) for r in members)
+        names = sorted(self.clients) or ["any"]
+        clients = tuple(ClientSpec(name, name) for name in names)
+        rtt = {(c, r.id): self.rtts.get((c, r.id), DEFAULT_RTT_S) for c in names for r in members}
+        network = NetworkSpec(rtt, {}, decode_overhead_s=config.hop_overhead_s,
+                              prefill_overhead_s=config.hop_overhead_s, prefill_s_per_token=0.0, setup_s=0.0)
+        half = config.session_tokens // 2
+        workload = WorkloadSpec(rate=self.arrival_rate(), num_requests=1, prompt_tokens=min(TYPICAL_TOKENS, half),
+                                output_tokens=min(TYPICAL_TOKENS, config.session_tokens - half),
+                                max_prompt_tokens=half, max_output_tokens=config.session_tokens - half)
+        return Scenario("live", model, servers, clients, network, workload)
+
+    def _placement(self, records: list[ServerRecord], scenario: Scenario) -> Placement:
+        index = {r.id: i for i, r in enumerate(self.members())}
+        spans = tuple(Span(index[r.id], r.start, r.end, r.slots) for r in records)
+        return Placement(tuple(sorted(spans, key=lambda s: s.server)), scenario.model.num_blocks)
+
+    def serving(self) -> Placement:
+        """The spans routes may use: servers serving the span they were given."""
+        if "serving" not in self._cache:
+            scenario = self.scenario()
+            placement = self._placement([r for r in self.members() if r.state == "serving" and r.loaded], scenario)
+            self._cache["serving"] = placement
+            self._cache["index"] = block_index(placement)
+            self._cache["memo"] = {}
+            self._rebuild_load()
+        return self._cache["serving"]
+
+    def _rebuild_load(self) -> None:
+        position = {r.id: i for i, r in enumerate(self.members())}
+        used: dict[int, int] = {}
+        active: dict[int, list] = {}
+        for reservation in self.reservations.values():
+            for server, start, end in reservation.hops:
+                if server in position:
+                    i = position[server]
+                    used[i] = used.get(i, 0) + end - start
+                    active.setdefault(i, []).append((reservation.expected_end, end - start))
+        self._cache["used"], self._cache["active"] = used, active
+
+    def view(self) -> SwarmView:
+        placement = self.serving()
+        active = {i: tuple(entries) for i, entries in self._cache["active"].items()}
+        return SwarmView(self.scenario(), placement, self.clock(), active, self._cache["index"],
+                         self._cache["used"], self._cache["memo"])
+
+    def coverage(self) -> list[int]:
+        per_block = [0] * (self.shape["num_blocks"] if self.shape else 0)
+        for span in self.serving().spans if self.shape else ():
+            for block in range(span.start, span.end):
+                per_block[block] += 1
+        return per_block
+
+    def missing(self) -> str | None:
+        """Which blocks no serving server holds, as text; None when the model is covered."""
+        if self.shape is None:
+            return "no server has joined yet"
+        return missing_blocks_text(self.coverage())
+
+    # -- routes -------------------------------------------------------------------------------
+    def client_position(self, client: str) -> int:
+        """The client's index in the scenario (a new client joins the scenario's clients)."""
+        if client not in self.clients:
+            self._changed()
+        self.clients[client] = self.clock()
+        if "client_order" not in self._cache:
+            self._cache["client_order"] = {c: i for i, c in enumerate(sorted(self.clients))}
+        return self._cache["client_order"][client]
+
+    def route(self, client: str, prompt_tokens: int, max_new_tokens: int, avoid: tuple[str, ...] = (),
+              reservation_id: str | None = None, start: int = 0) -> tuple[Reservation, float]:
+        """Choose and reserve a route (or, with `reservation_id` and `start`, the tail of one from
+        block `start`, avoiding `avoid`); returns the reservation and when it may start."""
+        length = prompt_tokens + max_new_tokens
+        if length > self.config.session_tokens:
+            raise TooLarge(f"{prompt_tokens} prompt + {max_new_tokens} new tokens exceed the {self.config.session_tokens} "
+                           "tokens this swarm sizes a session's cache for (coordinator --session-tokens)")
+        previous = self.reservations.get(reservation_id) if reservation_id else None
+        if reservation_id and (previous is None or previous.client != client):
+            raise BadRequest("no such reservation for this client (it ended or its lease ran out); ask for a new route")
+        missing = self.missing()
+        if missing and start == 0:
+            raise Infeasible(f"the swarm does not cover the model: {missing}")
+        request = Request(self.client_position(client), prompt_tokens, max_new_tokens)
+        if previous is not None:
+            self._drop_hops(previous, start)
+        view = self.view()
+        if avoid:
+            view = self._without(view, set(avoid))
+        try:
+            decision = decide(self.routing, view, request, start)
+        except Infeasible as exc:
+            if previous is not None:
+                self.release(previous.id)
+            raise Infeasible(f"no route from block {start}: {exc}") from None
+        now = view.now
+        if decision.start_s - now > self.config.hold_s:
+            if previous is not None:
+                self.release(previous.id)
+            raise CacheFull(f"every route is full for the next {decision.start_s - now:.0f} s; retry later")
+        if start == 0:
+            self.arrivals.append(now)
+        members = self.members()
+        timing = route_time(view.scenario, decision.route, request)
+        hops = [[members[h.server].id, h.start, h.end] for h in decision.route.hops]
+        if previous is not None:
+            reservation = previous
+            reservation.hops = [hop for hop in previous.hops if hop[1] < start] + hops
+        else:
+            reservation = Reservation(secrets.token_hex(8), client, hops, length, decision.start_s,
+                                      decision.start_s + timing.completion_s, 0.0)
+            self.reservations[reservation.id] = reservation
+        reservation.lease_until = max(reservation.lease_until, now + 2 * (reservation.expected_end - now) + 60.0)
+        self._add_load(reservation, hops)
+        if self.store is not None:
+            self.store.put("reservations", reservation.id, asdict(reservation))
+        return reservation, decision.start_s
+
+    def _without(self, view: SwarmView, avoid: set[str]) -> SwarmView:
+        members = self.members()
+        spans = tuple(s for s in view.placement.spans
+                      if members[s.server].address not in avoid and members[s.server].id not in avoid)
+        placement = Placement(spans, view.placement.num_blocks)
+        return SwarmView(view.scenario, placement, view.now, view.active, None, view.used, None)
+
+    def _add_load(self, reservation: Reservation, hops: list[list]) -> None:
+        self.serving()
+        position = {r.id: i for i, r in enumerate(self.members())}
+        for server, start, end in hops:
+            if server in position:
+                i = position[server]
+                self._cache["used"][i] = self._cache["used"].get(i, 0) + end - start
+                self._cache["active"].setdefault(i, []).append((reservation.expected_end, end - start))
+
+    def _drop_hops(self, reservation: Reservation, start: int) -> None:
+        reservation.hops = [hop for hop in reservation.hops if hop[1] < start]
+        self._cache.pop("serving", None)  # load is rebuilt from the reservations left
+
+    def release(self, reservation_id: str) -> bool:
+        reservation = self.reservations.pop(reservation_id, None)
+        if reservation is None:
+            return False
+        if self.store is not None:
+            self.store.delete("reservations", reservation_id)
+        if "used" in self._cache:
+            position = {r.id: i for i, r in enumerate(self.members())}
+            for server, start, end in reservation.hops:
+                i = position.get(server)
+                if i is None:
+                    continue
+                self._cache["used"][i] -= end - start
+                entries = self._cache["active"].get(i, [])
+                entry = (reservation.expected_end, end - start)
+                if entry in entries:
+                    entries.remove(entry)
+        return True
+
+    def tickets(self, reservation: Reservation) -> list[dict]:
+        """Each hop's address, data port, key and ticket, for the route reply."""
+        expires = self.clock() + TICKET_S
+        hops = []
+        for server, start, end in reservation.hops:
+            record = self.servers[server]
+            ticket = Ticket(reservation.id, start, reservation.max_length, expires).mint(record.secret)
+            hops.append({"address": record.address, "start": start, "end": end, "ticket": ticket,
+                         "key": record.key})
+        return hops
+
+    def report_rtts(self, client: str, rtts: dict[str, float]) -> None:
+        by_address = {r.address: r.id for r in self.members()}
+        for address, rtt in rtts.items():
+            server = by_address.get(address)
+            if server is not None:
+                self.rtts[(client, server)] = rtt
+                if self.store is not None:
+                    self.store.put("rtts", f"{client} {server}", rtt)
+        self.clients[client] = self.clock()
+        self._changed()
+
+
+def missing_blocks_text(coverage: list[int]) -> str | None:
+    """'blocks 10..14 and 20 have no server', or None when every block is held."""
+    gaps, run = [], None
+    for block, holders in enumerate([*coverage, 1]):
+        if holders == 0 and run is None:
+            run = block
+        elif holders and run is not None:
+            gaps.append(f"{run}..{block - 1}" if block - 1 > run else f"{run}")
+            run = None
+    if not gaps:
+        return None
+    return f"block{'s' if len(gaps) > 1 or '..' in gaps[0] else ''} {', '.join(gaps)} of {len(coverage)} " \
+           "have no serving server"
