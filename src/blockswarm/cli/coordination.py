@@ -48,7 +48,7 @@ def coordinator(
     with _interruptible("interrupted; the coordinator stopped"):
         from blockswarm.runtime.coordinator.service import CoordinatorConfig, run_coordinator
         from blockswarm.runtime.coordinator.swarm import SwarmConfig
-        from blockswarm.runtime.member import model_name
+        from blockswarm.runtime.messages import model_name
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
         try:

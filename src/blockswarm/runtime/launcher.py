@@ -14,6 +14,7 @@ import sys
 import time
 
 from blockswarm.core.errors import BlockswarmError
+from blockswarm.runtime.messages import model_name
 
 
 def even_spans(num_blocks: int, parts: int) -> list[tuple[int, int]]:
@@ -46,15 +47,58 @@ def server_processes(model: str, spans: list[tuple[int, int]], extra_args: list[
         stop_all(processes)
 
 
-def wait_ready(process: subprocess.Popen, timeout_s: float) -> str:
+def coordinator_command(model: str, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "blockswarm", "coordinator", "--model", model_name(str(model)), "--port", "0",
+            *extra]
+
+
+def member_command(model: str, coordinator: str, memory: str, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "blockswarm", "serve", "--model", str(model), "--coordinator", coordinator,
+            "--memory", memory, "--port", "0", *extra]
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@contextlib.contextmanager
+def coordinated_swarm(model: str, memories: list[str], coordinator_args: list[str] = (),
+                      server_args: list[str] = (), timeout_s: float = 180.0):
+    """A coordinator and one server per memory budget, none told its blocks. Yields (coordinator
+    address, {server address: process}, coordinator process) once every server serves its span."""
+    processes = []
+    try:
+        coordinator = start(coordinator_command(model, list(coordinator_args)))
+        processes.append(coordinator)
+        address = wait_ready(coordinator, 30)
+        servers = [start(member_command(model, address, memory, list(server_args))) for memory in memories]
+        processes.extend(servers)
+        yield address, {wait_ready(p, timeout_s): p for p in servers}, coordinator
+    finally:
+        stop_all(processes[::-1])
+
+
+def wait_ready(process: subprocess.Popen, timeout_s: float, on_line=None) -> str:
+    """The address in the process's READY line. Earlier lines (a coordinated server's JOINED) go
+    to `on_line`. Reads the descriptor itself: a buffered readline could swallow the READY line
+    behind an earlier one, and select would then wait for data already read."""
     deadline = time.monotonic() + timeout_s
+    fd = process.stdout.fileno()
+    pending = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
-            line = process.stdout.readline()
-            if line.startswith("READY "):
-                return line.split()[1]
-            if not line and process.poll() is not None:
+            chunk = os.read(fd, 65536)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if line.startswith("READY "):
+                    return line.split()[1]
+                if on_line is not None:
+                    on_line(line)
+            if not chunk and process.poll() is not None:
                 break
         elif process.poll() is not None:
             break

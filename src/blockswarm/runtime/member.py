@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import threading
 import time
 
 import zmq
 
-from blockswarm.core.errors import BlockswarmError, ConfigError
+from blockswarm.core.errors import BlockswarmError, ConfigError, PeerGone, Timeout
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.profile import measure
 from blockswarm.model.span import Span
 from blockswarm.runtime.coordinator.link import CoordinatorLink
 from blockswarm.runtime.endpoints import Endpoints, port_limits
+from blockswarm.runtime.messages import model_name
 from blockswarm.runtime.protocol import DTYPES, PROTOCOL_VERSION
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.server import Server, ServeConfig, _check_device, announce_ready
@@ -36,6 +36,7 @@ log = logging.getLogger("blockswarm.server")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 REGISTER_TIMEOUT_S = 10.0
+DRAIN_S = 120.0  # a server asked to stop waits this long for its sessions to end (a second signal: at once)
 
 
 def parse_memory(text: str) -> int:
@@ -60,11 +61,6 @@ def default_memory(device: str) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024 // 2
     return 2**32
-
-
-def model_name(model: str) -> str:
-    """The name a swarm knows a model by: `smollm2`, or a local model's folder name."""
-    return os.path.basename(os.path.normpath(model)) if os.sep in model else model
 
 
 def kv_width(config) -> int:
@@ -127,17 +123,17 @@ def run_member(config: ServeConfig, keys=None) -> None:
             "block_prefill_s_per_token": profile.block_prefill_s_per_token,
             "block_prefill_base_s": profile.block_prefill_base_s,
         }
-        member = Member(endpoints.context, config.coordinator, keys)
-        reply = member.register(registration)
+        member = Member(zmq.Context(), config.coordinator, keys)  # its own: the server destroys its context on exit
+        reply = _patiently(lambda: member.register(registration), config.coordinator)
         print(f"JOINED {registration['address']} coordinator {config.coordinator} memory {memory / 2**30:.2f} GiB "
               f"decode {profile.block_decode_s * 1e3:.3f} ms/block/token; waiting for a span", flush=True)
         assign = reply.get("assign")
         while assign is None:
             time.sleep(reply.get("heartbeat_s", 1.0))
-            beat = member.call({"op": "heartbeat", "server": member.server_id, "state": "loading",
-                                "free_cache_tokens": 0, "sessions": 0})
+            beat = _patiently(lambda: member.call({"op": "heartbeat", "server": member.server_id, "state": "loading",
+                                                   "free_cache_tokens": 0, "sessions": 0}), config.coordinator)
             if not beat.get("known"):
-                reply = member.register(registration)
+                reply = _patiently(lambda: member.register(registration), config.coordinator)
                 assign = reply.get("assign")
             else:
                 assign = beat.get("assign")
@@ -153,9 +149,21 @@ def run_member(config: ServeConfig, keys=None) -> None:
     heart = Heartbeat(server, member, registration, path)
     heart.start()
     try:
-        announce_ready(server)
+        announce_ready(server, on_signal=heart.leave_gracefully)
     finally:
         heart.leave()
+
+
+def _patiently(call, address: str):
+    """Retry a call to a coordinator that does not answer (it may be restarting), saying so once."""
+    said = False
+    while True:
+        try:
+            return call()
+        except (Timeout, PeerGone) as exc:
+            if not said:
+                print(f"waiting for the coordinator at {address}: {exc}", flush=True)
+                said = True
 
 
 class Heartbeat:
@@ -165,15 +173,31 @@ class Heartbeat:
         self.server, self.member, self.registration, self.path = server, member, registration, path
         self._stop = threading.Event()
         self._loading: threading.Thread | None = None
+        self._leave_by: float | None = None  # draining to exit: stop when idle or at this time
         self._thread = threading.Thread(target=self.run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()  # the member's socket moves to this thread (start is the memory barrier)
 
+    def leave_gracefully(self) -> None:
+        """First Ctrl-C/SIGTERM: drain (no new sessions; the coordinator routes elsewhere), stop once
+        the sessions are done; a second one stops at once."""
+        if self._leave_by is not None:
+            self.server.stop()
+            return
+        self._leave_by = time.monotonic() + DRAIN_S
+        self.server.draining = True
+        print(f"draining: no new sessions; stopping when the {len(self.server.table.sessions)} open ones end "
+              f"(at most {DRAIN_S:.0f} s; Ctrl-C again to stop now)", flush=True)
+
     def run(self) -> None:
         period = 1.0
         while not self._stop.wait(period):
             server = self.server
+            if self._leave_by is not None and (not (server.table.sessions or server.steps)
+                                               or time.monotonic() > self._leave_by):
+                server.stop()
+                return
             state = "loading" if self._loading is not None else ("draining" if server.draining else "serving")
             header = {"op": "heartbeat", "server": self.member.server_id, "state": state,
                       "start": server.span.start, "end": server.span.end,
@@ -191,7 +215,7 @@ class Heartbeat:
 
     def _apply(self, assign: dict | None) -> None:
         server = self.server
-        if assign is None or self._loading is not None:
+        if assign is None or self._loading is not None or self._leave_by is not None:
             return
         if (assign["start"], assign["end"]) == (server.span.start, server.span.end):
             return

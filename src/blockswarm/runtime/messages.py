@@ -9,6 +9,7 @@ for servers and in `coordinator/service.py` for the coordinator).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import msgpack
@@ -24,6 +25,11 @@ MAX_INT = 2**53
 DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # the dtypes a step may carry
 HEARTBEAT_S = 2.0  # liveness: ZMTP pings this often on every socket...
 HEARTBEAT_MISSES = 3  # ...and a peer that leaves this many unanswered is gone
+
+
+def model_name(model: str) -> str:
+    """The name a swarm knows a model by: `smollm2`, or a local model's folder name."""
+    return os.path.basename(os.path.normpath(model)) if os.sep in model else model
 
 
 def keep_alive(socket: zmq.Socket, interval_s: float = HEARTBEAT_S) -> None:

@@ -376,8 +376,9 @@ def run_server(config: ServeConfig, server_class: type[Server] = Server) -> None
     announce_ready(server_class.load(config))
 
 
-def announce_ready(server: Server) -> None:
-    """Serve until SIGINT/SIGTERM, printing one READY line with the address and speed once serving."""
+def announce_ready(server: Server, on_signal=None) -> None:
+    """Serve until SIGINT/SIGTERM, printing one READY line with the address and speed once serving.
+    `on_signal`: what a signal does instead of stopping at once (a coordinated server drains)."""
 
     def announce(srv: Server) -> None:
         p = srv.profile
@@ -389,7 +390,7 @@ def announce_ready(server: Server) -> None:
               flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stop())
+        signal.signal(sig, lambda *_: (on_signal or server.stop)())
     server.serve(announce)
 
 

@@ -258,8 +258,8 @@ def status_json(coordinator: Coordinator, with_scenario: bool = False) -> dict:
         "routing_policy": swarm.routing, "R": swarm.R_placed, "session_tokens": swarm.config.session_tokens,
         "servers": servers, "coverage": coverage, "missing": swarm.missing(),
         "predicted_per_token_s": predicted, "private": coordinator.private,
-        "routes": [{"reservation": r.id, "client": r.client, "hops": [[addresses.get(h[0], h[0]), h[1], h[2]]
-                                                                       for h in r.hops]}
+        "routes": [{"reservation": r.id, "client": r.client, "expected_end": r.expected_end,
+                    "hops": [[addresses.get(h[0], h[0]), h[1], h[2]] for h in r.hops]}
                    for r in swarm.reservations.values()],
         "route_ms": {"count": len(latencies),
                      "median": latencies[len(latencies) // 2] if latencies else None,

@@ -186,7 +186,12 @@ class Swarm:
         record.free_cache_tokens, record.sessions = report["free_cache_tokens"], report["sessions"]
         serving = report["state"] == "serving"
         span_ok = (report.get("start"), report.get("end")) == (record.start, record.end)
-        if serving and span_ok and (record.state == "loading" or not record.loaded):
+        if report["state"] == "draining" and record.state == "serving" and span_ok:
+            record.state = "draining"  # leaving: no new routes through it
+            self.log.append(f"server {record.address} is draining")
+            self._changed()
+            self._save_server(record)
+        elif serving and span_ok and (record.state == "loading" or not record.loaded):
             record.state, record.loaded = "serving", True
             self.log.append(f"server {record.address} serves blocks {record.start}:{record.end}")
             self._changed()

@@ -1,0 +1,251 @@
+"""The coordinator's decisions, driven directly with fabricated registrations (no sockets, no model):
+placement through the planner's registry, routing equal to the planner's on the same view,
+reservations, restarts from the SQLite state, repairs, and tickets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockswarm.core.errors import BadRequest, Infeasible, TooLarge
+from blockswarm.core.specs import Request
+from blockswarm.planner import cgbprr, live
+from blockswarm.planner.registry import PLACEMENTS, decide
+from blockswarm.planner.view import SwarmView
+from blockswarm.runtime.coordinator.store import Store
+from blockswarm.runtime.coordinator.swarm import GRACE_S, SETTLE_S, Swarm, SwarmConfig, missing_blocks_text
+from blockswarm.runtime.tickets import Ticket, new_secret
+
+MiB = 2**20
+SHAPE = {"model": "smollm2", "fingerprint": "llama-576-30", "num_blocks": 30, "hidden_size": 576, "d_kv": 192,
+         "params_per_block": 3540096, "dtype": "float32", "itemsize": 4}
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registration(port: int, memory_mib: int, decode_ms: float = 4.0) -> dict:
+    return {**SHAPE, "address": f"127.0.0.1:{port}", "data_port": port + 1, "device": "cpu",
+            "memory_bytes": memory_mib * MiB, "block_decode_s": decode_ms / 1e3,
+            "block_prefill_s_per_token": 1e-4, "block_prefill_base_s": 1e-3, "start": None, "end": None}
+
+
+def serve_all(swarm: Swarm) -> None:
+    """Every assigned server reports it serves its span."""
+    for record in swarm.members():
+        if record.start is not None:
+            swarm.heartbeat(record.id, {"state": "serving", "start": record.start, "end": record.end,
+                                        "free_cache_tokens": record.cache_tokens, "sessions": 0})
+
+
+def placed_swarm(memories=(400, 300, 200), decode_ms=(4.0, 8.0, 4.0), R=2, store=None, policy="cgbprr",
+                 clock=None) -> Swarm:
+    clock = clock or Clock()
+    swarm = Swarm(SwarmConfig("smollm2", policy=policy, R=R), store, clock)
+    for i, (memory, decode) in enumerate(zip(memories, decode_ms)):
+        swarm.register(registration(6000 + 10 * i, memory, decode))
+    clock.now += SETTLE_S
+    swarm.place()
+    serve_all(swarm)
+    return swarm
+
+
+def spans(swarm: Swarm) -> list[tuple[int, int]]:
+    return [(r.start, r.end) for r in swarm.members()]
+
+
+@pytest.mark.parametrize("policy", ["cgbprr", "petals"])
+def test_servers_are_placed_by_the_registry_policy_exactly(policy):
+    # PETALS keeps a fixed 16k-token cache per block and an autograd reserve: it needs more memory
+    swarm = placed_swarm(policy=policy, memories=(400, 300, 200) if policy == "cgbprr" else (900, 700, 500))
+    placement = PLACEMENTS[swarm.placement_name](swarm.scenario(), 2, 0)
+    assert spans(swarm) == [(s.start, s.end) for s in placement.spans]
+    assert [r.slots for r in swarm.members()] == [s.slots for s in placement.spans]
+    assert all(r.state == "serving" for r in swarm.members())
+
+
+def test_servers_that_join_together_are_placed_together():
+    clock = Clock()
+    swarm = Swarm(SwarmConfig("smollm2", R=2), None, clock)
+    swarm.register(registration(6000, 400))
+    clock.now += SETTLE_S / 2
+    swarm.place()
+    assert swarm.members()[0].start is None  # still settling: a second server may be on its way
+    swarm.register(registration(6010, 300))
+    swarm.register(registration(6020, 200))
+    clock.now += SETTLE_S / 2
+    swarm.place()
+    assert all(r.start is None for r in swarm.members())
+    clock.now += SETTLE_S
+    swarm.place()
+    assert spans(swarm) == [(s.start, s.end) for s in cgbprr.place(swarm.scenario(), 2).placement.spans]
+
+
+def test_cache_budget_is_what_memory_leaves_after_the_weights():
+    swarm = placed_swarm()
+    model = swarm.scenario().model
+    for record in swarm.members():
+        blocks = record.end - record.start
+        free = record.memory_bytes - model.block_bytes * blocks
+        assert record.cache_tokens == int(free // (2 * 192 * 4 * blocks))
+        # the coordinator never reserves more than the server's budget holds
+        assert record.slots * swarm.config.session_tokens <= record.cache_tokens * blocks
+
+
+def independent_view(swarm: Swarm) -> SwarmView:
+    """The planner's view of the same state, built here from the records and reservations."""
+    scenario = swarm.scenario()
+    position = {r.id: i for i, r in enumerate(swarm.members())}
+    placement = swarm.serving()
+    active: dict[int, list] = {}
+    for reservation in swarm.reservations.values():
+        for server, start, end in reservation.hops:
+            active.setdefault(position[server], []).append((reservation.expected_end, end - start))
+    return SwarmView(scenario, placement, swarm.clock(), {k: tuple(v) for k, v in active.items()})
+
+
+def test_route_equals_the_planners_decision_on_the_same_state():
+    swarm = placed_swarm()
+    members = swarm.members()
+    for n in range(12):  # past the swarm's capacity: WS-RR starts waiting and spreads
+        client = f"client{n % 3}"
+        swarm.client_position(client)
+        view = independent_view(swarm)
+        request = Request(swarm.client_position(client), 20, 40)
+        expected = decide("wsrr", view, request)
+        reservation, start_at = swarm.route(client, 20, 40)
+        assert reservation.hops == [[members[h.server].id, h.start, h.end] for h in expected.route.hops]
+        assert start_at == pytest.approx(expected.start_s)
+
+
+def test_sessions_spread_over_replicas_and_no_server_is_overbooked():
+    swarm = placed_swarm(memories=(400, 400, 300, 300), decode_ms=(4, 4, 4, 4), R=2)
+    used: dict[str, int] = {}
+    routes = set()
+    for n in range(16):
+        reservation, start_at = swarm.route(f"c{n % 4}", 10, 10)
+        if start_at > swarm.clock():
+            break  # every route is full now: the next ones wait
+        routes.add(tuple(tuple(h) for h in reservation.hops))
+        for server, start, end in reservation.hops:
+            used[server] = used.get(server, 0) + end - start
+    assert len(routes) >= 2, "every session took the same chain"
+    for record in swarm.members():
+        assert used.get(record.id, 0) <= record.slots
+
+
+def test_release_and_lease_free_the_slots():
+    clock = Clock()
+    swarm = placed_swarm(clock=clock)
+    reservation, _ = swarm.route("a", 10, 10)
+    assert swarm.release(reservation.id) and not swarm.reservations
+    assert sum(swarm.view().used.values()) == 0
+    reservation, _ = swarm.route("a", 10, 10)
+    clock.now = reservation.lease_until + 1
+    swarm.expire()
+    assert not swarm.reservations
+    assert all(r.state == "gone" for r in swarm.servers.values())  # silent that long: gone too
+
+
+def test_too_long_and_uncovered_are_clear_errors():
+    swarm = placed_swarm()
+    with pytest.raises(TooLarge, match="session-tokens"):
+        swarm.route("a", 2000, 100)
+    empty = Swarm(SwarmConfig("smollm2", R=2), None, Clock())
+    with pytest.raises(Infeasible, match="no server has joined"):
+        empty.route("a", 10, 10)
+    assert missing_blocks_text([1, 0, 0, 2, 0]) == "blocks 1..2, 4 of 5 have no serving server"
+    assert missing_blocks_text([1, 1]) is None
+
+
+def test_a_tail_replaces_the_failed_hop_and_avoids_it():
+    swarm = placed_swarm(memories=(300, 300, 300, 300), decode_ms=(4, 4, 4, 4), R=2)
+    reservation, _ = swarm.route("a", 10, 10)
+    failed = swarm.servers[reservation.hops[-1][0]]
+    start = reservation.hops[-1][1]
+    tail, _ = swarm.route("a", 10, 10, avoid=(failed.address,), reservation_id=reservation.id, start=start)
+    assert tail.hops[-1][2] == 30 and all(h[0] != failed.id for h in tail.hops)
+    assert tail.hops[0][1] == 0  # the hops before the failure are kept
+    with pytest.raises(BadRequest, match="no such reservation"):
+        swarm.route("b", 10, 10, reservation_id=reservation.id, start=start)
+
+
+def test_restart_keeps_servers_and_reservations_and_drops_the_silent(tmp_path):
+    clock = Clock()
+    swarm = placed_swarm(store=Store(tmp_path / "state.sqlite"), clock=clock)
+    reservation, _ = swarm.route("a", 10, 10)
+    before = spans(swarm)
+    swarm.store.close()
+    restarted = Swarm(SwarmConfig("smollm2", R=2), Store(tmp_path / "state.sqlite"), clock)
+    assert spans(restarted) == before and list(restarted.reservations) == [reservation.id]
+    assert restarted.shape == SHAPE
+    first, *others = restarted.members()
+    clock.now += GRACE_S - 1
+    for record in others:  # these report back within the grace period; the first does not
+        restarted.heartbeat(record.id, {"state": "serving", "start": record.start, "end": record.end,
+                                        "free_cache_tokens": 0, "sessions": 0})
+    restarted.expire()
+    assert first.state == "serving"
+    clock.now += 2
+    restarted.expire()
+    assert first.state == "gone" and all(r.state == "serving" for r in others)
+    assert [(r.start, r.end) for r in others] == before[1:]  # not re-placed
+
+
+def test_blocks_nobody_holds_get_an_idle_server():
+    clock = Clock()
+    swarm = placed_swarm(clock=clock)
+    unique = [r for r in swarm.members() if live.missing_blocks(
+        dataclasses.replace(swarm.serving(), spans=tuple(s for s in swarm.serving().spans
+                                                          if swarm.members()[s.server] is not r)))]
+    assert unique, "the placement has a server whose blocks nobody else holds"
+    victim = unique[0]
+    swarm.leave(victim.id)
+    assert swarm.missing()
+    swarm.place()
+    moved = [r for r in swarm.members() if r.state == "loading"]
+    assert len(moved) == 1 and moved[0].start <= victim.start and moved[0].end >= victim.end
+    serve_all(swarm)
+    assert swarm.missing() is None
+
+
+def test_a_server_the_coordinator_forgot_keeps_its_span():
+    swarm = placed_swarm()
+    swarm.register({**registration(6100, 400), "start": 3, "end": 17})
+    record = swarm.members()[-1]
+    assert (record.start, record.end, record.state) == (3, 17, "serving") and record.slots > 0
+
+
+def test_a_server_of_another_model_is_refused():
+    swarm = placed_swarm()
+    with pytest.raises(Exception, match="differs"):
+        swarm.register({**registration(6100, 400), "dtype": "float16", "itemsize": 2})
+
+
+@settings(max_examples=50, deadline=None)
+@given(start=st.integers(0, 100), length=st.integers(1, 10**6), flip=st.integers(0, 200))
+def test_tickets_open_only_what_they_allow(start, length, flip):
+    secret = new_secret()
+    ticket = Ticket("r1", start, length, 2e9).mint(secret)
+    assert Ticket.check(secret, ticket, start, length, now=1e9).reservation == "r1"
+    assert Ticket.check(secret, ticket, start, max(1, length // 2), now=1e9)
+    with pytest.raises(BadRequest):
+        Ticket.check(secret, ticket, start, length + 1, now=1e9)
+    with pytest.raises(BadRequest):
+        Ticket.check(secret, ticket, start + 1, length, now=1e9)
+    with pytest.raises(BadRequest, match="expired"):
+        Ticket.check(secret, ticket, start, length, now=3e9)
+    with pytest.raises(BadRequest):
+        Ticket.check(new_secret(), ticket, start, length, now=1e9)
+    position = flip % len(ticket)
+    tampered = ticket[:position] + ("0" if ticket[position] != "0" else "1") + ticket[position + 1:]
+    with pytest.raises(BadRequest):
+        Ticket.check(secret, tampered, start, length, now=1e9)
