@@ -206,8 +206,8 @@ def test_blocks_nobody_holds_get_an_idle_server():
     unique = [r for r in swarm.members() if live.missing_blocks(
         dataclasses.replace(swarm.serving(), spans=tuple(s for s in swarm.serving().spans
                                                           if swarm.members()[s.server] is not r)))]
-    assert unique, "the placement has a server whose blocks nobody else holds"
-    victim = unique[0]
+    assert len(unique) == 2, "the placement has servers whose blocks nobody else holds"
+    victim = next(r for r in unique if r.end == 30)  # the others can cover its blocks: one moves
     swarm.leave(victim.id)
     assert swarm.missing()
     swarm.place()
@@ -215,6 +215,17 @@ def test_blocks_nobody_holds_get_an_idle_server():
     assert len(moved) == 1 and moved[0].start <= victim.start and moved[0].end >= victim.end
     serve_all(swarm)
     assert swarm.missing() is None
+
+
+def test_a_gap_nobody_can_close_is_a_clear_error():
+    clock = Clock()
+    swarm = placed_swarm(clock=clock)
+    middle = next(r for r in swarm.members() if (r.start, r.end) == (0, 20))  # alone on 15..19
+    swarm.leave(middle.id)
+    swarm.place()  # moving either other server would uncover its own blocks: nobody moves
+    assert not [r for r in swarm.members() if r.state == "loading"]
+    with pytest.raises(Infeasible, match="blocks 15..19 of 30 have no serving server"):
+        swarm.route("a", 10, 10)
 
 
 def test_a_server_the_coordinator_forgot_keeps_its_span():

@@ -34,7 +34,7 @@ names = []
 for root in {roots!r}:
     package = importlib.import_module(root)
     names.append(root)
-    if {walk!r}:
+    if {walk!r} and hasattr(package, "__path__"):
         names += sorted(m.name for m in pkgutil.walk_packages(package.__path__, root + "."))
 for name in names:
     importlib.import_module(name)
@@ -71,3 +71,12 @@ print(json.dumps({{"loaded": [m for m in {avoid!r} if m in sys.modules]}}))
 def test_simulating_loads_neither_the_milp_solver_nor_rich():
     out = run_fresh(RUN_SIMULATOR.format(scenario=str(SCENARIO), avoid=HEAVY + SIM_ALSO_AVOIDS))
     assert out["loaded"] == [], f"a simulation loaded {out['loaded']}"
+
+
+def test_the_coordinator_starts_without_torch():
+    """The coordinator never sees a tensor: its modules, the torch-free protocol messages, the
+    tickets and its client link load neither torch nor transformers (zmq, of course, they need)."""
+    roots = ["blockswarm.runtime.coordinator", "blockswarm.runtime.messages", "blockswarm.runtime.tickets"]
+    out = run_fresh(IMPORT.format(roots=roots, walk=True, avoid=("torch", "transformers")))
+    assert "blockswarm.runtime.coordinator.service" in out["modules"]
+    assert out["loaded"] == [], f"the coordinator's modules loaded {out['loaded']}"

@@ -232,7 +232,7 @@ def status_json(coordinator: Coordinator, with_scenario: bool = False) -> dict:
     """The swarm as `blockswarm status` shows it (and `--json` writes it)."""
     swarm = coordinator.swarm
     servers = []
-    for record in sorted(swarm.servers.values(), key=lambda r: (r.joined, r.id)):
+    for record in sorted(swarm.servers.values(), key=lambda r: r.sequence):
         assert record.state in STATES
         servers.append({"address": record.address, "start": record.start, "end": record.end, "state": record.state,
                         "device": record.device, "memory_bytes": record.memory_bytes,

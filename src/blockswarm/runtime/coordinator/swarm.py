@@ -67,6 +67,7 @@ class ServerRecord:
     sessions: int = 0
     joined: float = 0.0
     last_seen: float = 0.0
+    sequence: int = 0  # registration order: the scenario's server order (times can tie)
 
 
 @dataclass
@@ -167,7 +168,7 @@ class Swarm:
             memory_bytes=info["memory_bytes"], block_decode_s=info["block_decode_s"],
             block_prefill_s_per_token=info["block_prefill_s_per_token"],
             block_prefill_base_s=info["block_prefill_base_s"], secret=new_secret(), key=key,
-            joined=now, last_seen=now)
+            joined=now, last_seen=now, sequence=1 + max((r.sequence for r in self.servers.values()), default=0))
         if info.get("start") is not None:  # it already serves a span (the coordinator lost its state)
             self._adopt(record, info["start"], info["end"])
         self.servers[record.id] = record
@@ -253,7 +254,7 @@ class Swarm:
         """Servers that are not gone, in join order: the scenario's servers, index for index."""
         if "members" not in self._cache:
             self._cache["members"] = sorted((r for r in self.servers.values() if r.state != "gone"),
-                                            key=lambda r: (r.joined, r.id))
+                                            key=lambda r: r.sequence)
         return self._cache["members"]
 
     def place(self) -> None:
