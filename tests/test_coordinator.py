@@ -260,3 +260,12 @@ def test_tickets_open_only_what_they_allow(start, length, flip):
     tampered = ticket[:position] + ("0" if ticket[position] != "0" else "1") + ticket[position + 1:]
     with pytest.raises(BadRequest):
         Ticket.check(secret, tampered, start, length, now=1e9)
+
+
+def test_a_server_cannot_claim_to_serve_before_it_has_a_span():
+    clock = Clock()
+    swarm = Swarm(SwarmConfig("smollm2", R=2), None, clock)
+    record = swarm.register(registration(6000, 400))
+    swarm.heartbeat(record.id, {"state": "serving", "start": None, "end": None, "free_cache_tokens": 0,
+                                "sessions": 0})
+    assert record.state == "loading" and swarm.coverage() == [0] * 30

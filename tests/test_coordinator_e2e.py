@@ -228,3 +228,55 @@ def test_a_joining_server_is_used_and_a_leaving_one_drains(swarm):
     assert wait_until(lambda: [s for s in status(swarm)["servers"] if s["address"] == address
                                and s["state"] == "gone"], 10, "the coordinator to see it leave")
     assert os.path.exists(swarm.args[-1])
+
+
+def test_blocks_nobody_else_holds_get_an_idle_server_and_the_waiting_client_completes(tiny_model_dirs, tmp_path):
+    """Its own small swarm: a server whose blocks are unique dies mid-generation; the coordinator
+    moves an idle server onto them and the session finishes with the same tokens. Then, once the
+    swarm truly cannot cover the model, a client gets a clear error naming the blocks."""
+    from blockswarm.core.errors import Infeasible
+    from blockswarm.planner import live
+
+    directory = tiny_model_dirs["llama"]
+    args = ["--R", str(R), "--session-tokens", "256", "--state", str(tmp_path / "state.sqlite")]
+    processes = []
+    try:
+        coordinator = start(coordinator_command(str(directory), args))
+        processes.append(coordinator)
+        address = wait_ready(coordinator, 30)
+        servers = [start(member_command(str(directory), address, m, ["--threads", "1"]))
+                   for m in ("1.2MiB", "0.85MiB", "0.85MiB")]
+        processes.extend(servers)
+        by_address = {wait_ready(p, 180): p for p in servers}
+        small = SimpleNamespace(address=address, context=zmq.Context())
+        wait_until(lambda: all(s["state"] == "serving" for s in status(small)["servers"]), 10)
+        serving = status(small)["servers"]
+        placement = Placement(tuple(Span(i, s["start"], s["end"], s["slots"]) for i, s in enumerate(serving)), 6)
+        losses = live.repairable_losses(placement)
+        assert losses, f"no repairable loss in {[(s['start'], s['end']) for s in serving]}"
+        victim = serving[losses[0]]["address"]
+        prompt = [4, 8, 15, 16, 23, 42]
+        with DistributedModel.from_coordinator(address, model=str(directory), wait_s=60) as model:
+            killed = []
+
+            def kill_victim(token, _text):
+                if not killed:
+                    by_address[victim].send_signal(signal.SIGKILL)
+                    by_address[victim].wait()
+                    killed.append(time.monotonic())
+
+            result = model.generate(prompt, max_new_tokens=12, on_token=kill_victim)
+        assert result.token_ids == reference_greedy(directory, prompt, 12)
+        assert result.repairs and victim in result.repairs[0]
+        after = status(small)
+        assert not after["missing"] and any(s["state"] == "serving" and s["address"] != victim
+                                            for s in after["servers"])
+        for address_, process in by_address.items():  # now kill the rest: nothing can cover the model
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+        wait_until(lambda: status(small)["missing"], 10, "the coordinator to see the swarm gone")
+        with pytest.raises(Infeasible, match="have no serving server"):
+            DistributedModel.from_coordinator(address, model=str(directory), wait_s=1)
+    finally:
+        stop_all(processes[::-1])

@@ -98,3 +98,22 @@ def repair(policy: str, scenario: Scenario, placement: Placement, idle: list[int
         _, server, start, size = best
         spans[server] = moves[server] = span_for(policy, scenario, server, start, size)
         candidates.remove(server)
+
+
+def repairable_losses(placement: Placement) -> list[int]:
+    """Servers whose loss would leave blocks nobody holds that another server, taking as many
+    blocks as it holds now, could cover without uncovering its own: the failures `repair` mends."""
+    L = placement.num_blocks
+    found = []
+    for lost in placement.spans:
+        rest = Placement(tuple(s for s in placement.spans if s is not lost), L)
+        gap = missing_blocks(rest)
+        if not gap:
+            continue
+        for mover in rest.spans:
+            others = Placement(tuple(s for s in rest.spans if s is not mover), L)
+            fits = mover.length >= gap[-1] - gap[0] + 1
+            if fits and missing_blocks(others) == gap:
+                found.append(lost.server)
+                break
+    return found

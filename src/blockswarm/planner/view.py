@@ -3,8 +3,8 @@ the coordinator will build it from live reports. Policies never mutate it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from blockswarm.core.specs import Placement, Scenario
 
@@ -42,3 +42,24 @@ class SwarmView:
             if free >= needed:
                 return max(self.now, end)
         return None
+
+
+class ActiveBySession(Mapping):
+    """`SwarmView.active` over server -> {session: (end, slots)}, the shape callers keep (a session
+    is added and removed in O(1)); each server's tuple is built only when a router asks for it."""
+
+    def __init__(self, active: dict):
+        self._active = active
+
+    def __getitem__(self, server):
+        return tuple(self._active[server].values())
+
+    def get(self, server, default=()):
+        entries = self._active.get(server)
+        return tuple(entries.values()) if entries else default
+
+    def __iter__(self):
+        return iter(self._active)
+
+    def __len__(self):
+        return len(self._active)

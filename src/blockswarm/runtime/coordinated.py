@@ -46,7 +46,7 @@ def connect(cls, address: str, model: str, timeout_s: float, dtype: str, keys, w
         if shape["dtype"] != dtype:
             raise BadRequest(f"the swarm runs {shape['dtype']}; the client runs {dtype} (pass --dtype {shape['dtype']})")
         built = cls(head, {}, context, timeout_s, keys)
-        built.coordinator = Coordinated(context, address, keys, client, hello["session_tokens"])
+        built.coordinator = Coordinated(context, address, keys, client, hello["session_tokens"], wait_s)
         built.session = built.coordinator.bind(built)
         built.coordinator.start_measuring(hello["servers"])
         link.close()
@@ -76,9 +76,9 @@ def _wait_for_coverage(link: CoordinatorLink, client: str, wait_s: float, on_wai
 class Coordinated:
     """The client's side of the coordinator: routes per session, tails on failure, RTT reports."""
 
-    def __init__(self, context, address: str, keys, client: str, session_tokens: int):
+    def __init__(self, context, address: str, keys, client: str, session_tokens: int, wait_s: float):
         self.context, self.address, self.keys, self.client = context, address, keys, client
-        self.session_tokens = session_tokens
+        self.session_tokens, self.wait_s = session_tokens, wait_s
         self._stop = threading.Event()
         self._measured: dict[str, float] = {}
 
@@ -98,10 +98,21 @@ class Coordinated:
             chain = self._hops(reply)
 
             def reroute(start: int, avoid: frozenset[str], gone: str | None) -> list[Hop]:
-                tail = link.call("route", timeout_s=ROUTE_WAIT_S + 10, client=self.client, prompt_tokens=prompt,
-                                 max_new_tokens=max(1, max_length - prompt), reservation=reservation, start=start,
-                                 avoid=sorted(avoid | ({gone} if gone else set())))
-                return self._hops(tail)
+                """The tail from block `start`. When no server holds some of its blocks, the
+                coordinator may be moving an idle server onto them (once it sees the failed one
+                gone): wait for that, up to the model's `wait_s`."""
+                deadline = time.monotonic() + self.wait_s
+                while True:
+                    try:
+                        tail = link.call("route", timeout_s=ROUTE_WAIT_S + 10, client=self.client,
+                                         prompt_tokens=prompt, max_new_tokens=max(1, max_length - prompt),
+                                         reservation=reservation, start=start,
+                                         avoid=sorted(avoid | ({gone} if gone else set())))
+                        return self._hops(tail)
+                    except Infeasible:
+                        if time.monotonic() >= deadline:
+                            raise
+                        time.sleep(0.5)
 
             def release() -> None:
                 try:

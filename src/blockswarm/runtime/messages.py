@@ -124,14 +124,15 @@ def encode_header(header: dict) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
 
 
-def decode_header(frames: list) -> dict:
-    """Parse and validate a header-only message (the coordinator's); BadRequest with a reason, never else."""
+def decode_header(frames: list, max_bytes: int = MAX_HEADER_BYTES) -> dict:
+    """Parse and validate a message's header; BadRequest with a reason, never anything else.
+    (`max_bytes`: a coordinator's `status` of a big swarm is larger than any request.)"""
     if not frames:
         raise BadRequest("empty message")
     raw = frames[0]
     size = memoryview(raw).nbytes
-    if size > MAX_HEADER_BYTES:
-        raise BadRequest(f"header of {size} bytes is larger than {MAX_HEADER_BYTES}")
+    if size > max_bytes:
+        raise BadRequest(f"header of {size} bytes is larger than {max_bytes}")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types for garbage

@@ -9,7 +9,6 @@ other routers wait in a FIFO queue that is retried whenever cache frees up.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from blockswarm.core.errors import Infeasible
@@ -17,7 +16,7 @@ from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
 from blockswarm.perf.model import route_time
 from blockswarm.planner.registry import ROUTERS, WAITING_ROUTERS, decide
 from blockswarm.planner.routing import block_index, has_room
-from blockswarm.planner.view import SwarmView
+from blockswarm.planner.view import ActiveBySession, SwarmView
 from blockswarm.sim.events import Completion, DecodeStep, FirstToken, Retry, Start
 from blockswarm.sim.metrics import RequestRecord
 
@@ -34,26 +33,6 @@ class Session:
     ttft_s: float
     per_token_s: float
     end: float
-
-
-class _ActiveView(Mapping):
-    """server -> ((end, slots), ...) computed on demand, so a view costs nothing to build."""
-
-    def __init__(self, active: dict[int, dict[int, tuple[float, int]]]):
-        self._active = active
-
-    def __getitem__(self, server):
-        return tuple(self._active[server].values())
-
-    def get(self, server, default=()):
-        entries = self._active.get(server)
-        return tuple(entries.values()) if entries else default
-
-    def __iter__(self):
-        return iter(self._active)
-
-    def __len__(self):
-        return len(self._active)
 
 
 @dataclass
@@ -77,7 +56,7 @@ class World:
         self._route = ROUTERS[self.router]
         self._index = block_index(self.placement)
         self._memo: dict = {}
-        self._active_view = _ActiveView(self.active)
+        self._active_view = ActiveBySession(self.active)
         self._held_total = 0
 
     # -- views and bookkeeping ----------------------------------------------------------------

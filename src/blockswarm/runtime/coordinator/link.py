@@ -23,6 +23,9 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+MAX_REPLY_BYTES = 256 * MAX_HEADER_BYTES  # 16 MiB: `status` of a swarm of thousands of servers
+
+
 class CoordinatorLink:
     def __init__(self, context: zmq.Context, address: str, keys=None):
         """`keys`: a private swarm's `security.ClientKeys`, which must name the coordinator's key."""
@@ -34,7 +37,7 @@ class CoordinatorLink:
     def _connect(self) -> zmq.Socket:
         socket = self.context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, 64 * MAX_HEADER_BYTES)  # status of a big swarm is larger than a request
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
         keep_alive(socket)
         if self.keys is not None:
             from blockswarm.runtime.security import secure_client
@@ -57,7 +60,7 @@ class CoordinatorLink:
                               "is it running?")
             frames = self.socket.recv_multipart()
             try:
-                header = decode_header(frames)
+                header = decode_header(frames, MAX_REPLY_BYTES)
             except BadRequest as exc:
                 raise BadPeer(f"{self.address} is not a blockswarm coordinator: {exc}") from None
             if header.get("rid") == rid:

@@ -14,8 +14,10 @@ Times are wall-clock seconds (`time.time()`), so they survive a restart in the s
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
+from collections.abc import Mapping
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -27,7 +29,7 @@ from blockswarm.perf.model import route_time
 from blockswarm.planner import live, wsrr
 from blockswarm.planner.registry import PLACEMENTS, decide, parse_policy
 from blockswarm.planner.routing import block_index
-from blockswarm.planner.view import SwarmView
+from blockswarm.planner.view import ActiveBySession, SwarmView
 from blockswarm.runtime.coordinator.store import Store
 from blockswarm.runtime.tickets import Ticket, new_secret
 
@@ -186,7 +188,7 @@ class Swarm:
         record.last_seen = self.clock()
         record.free_cache_tokens, record.sessions = report["free_cache_tokens"], report["sessions"]
         serving = report["state"] == "serving"
-        span_ok = (report.get("start"), report.get("end")) == (record.start, record.end)
+        span_ok = record.start is not None and (report.get("start"), report.get("end")) == (record.start, record.end)
         if report["state"] == "draining" and record.state == "serving" and span_ok:
             record.state = "draining"  # leaving: no new routes through it
             self.log.append(f"server {record.address} is draining")
@@ -351,16 +353,18 @@ class Swarm:
                           kv_bytes=shape["itemsize"])
         servers = tuple(ServerSpec(r.address, r.id, float(r.memory_bytes), r.block_decode_s,
                                    r.block_prefill_s_per_token, r.block_prefill_base_s, r.device) for r in members)
-        names = sorted(self.clients) or ["any"]
-        clients = tuple(ClientSpec(name, name) for name in names)
-        rtt = {(c, r.id): self.rtts.get((c, r.id), DEFAULT_RTT_S) for c in names for r in members}
-        network = NetworkSpec(rtt, {}, decode_overhead_s=config.hop_overhead_s,
+        clients = tuple(ClientSpec(name, name) for name in self.client_order()) or (ClientSpec("any", "any"),)
+        network = NetworkSpec(MeasuredRtts(self.rtts), {}, decode_overhead_s=config.hop_overhead_s,
                               prefill_overhead_s=config.hop_overhead_s, prefill_s_per_token=0.0, setup_s=0.0)
         half = config.session_tokens // 2
         workload = WorkloadSpec(rate=self.arrival_rate(), num_requests=1, prompt_tokens=min(TYPICAL_TOKENS, half),
                                 output_tokens=min(TYPICAL_TOKENS, config.session_tokens - half),
                                 max_prompt_tokens=half, max_output_tokens=config.session_tokens - half)
         return Scenario("live", model, servers, clients, network, workload)
+
+    def client_order(self) -> list[str]:
+        """Clients in the order they first asked (indices stay valid as clients arrive)."""
+        return list(self.clients)
 
     def _placement(self, records: list[ServerRecord], scenario: Scenario) -> Placement:
         index = {r.id: i for i, r in enumerate(self.members())}
@@ -378,45 +382,75 @@ class Swarm:
             self._rebuild_load()
         return self._cache["serving"]
 
+    def position(self) -> dict[str, int]:
+        """Server id -> its index in the scenario."""
+        if "position" not in self._cache:
+            self._cache["position"] = {r.id: i for i, r in enumerate(self.members())}
+        return self._cache["position"]
+
     def _rebuild_load(self) -> None:
-        position = {r.id: i for i, r in enumerate(self.members())}
-        used: dict[int, int] = {}
-        active: dict[int, list] = {}
+        self._cache["used"], self._cache["active"] = {}, {}
         for reservation in self.reservations.values():
-            for server, start, end in reservation.hops:
-                if server in position:
-                    i = position[server]
-                    used[i] = used.get(i, 0) + end - start
-                    active.setdefault(i, []).append((reservation.expected_end, end - start))
-        self._cache["used"], self._cache["active"] = used, active
+            self._add_load(reservation, reservation.hops)
+
+    def _add_load(self, reservation: Reservation, hops: list[list]) -> None:
+        position, used, active = self.position(), self._cache["used"], self._cache["active"]
+        for server, start, end in hops:
+            i = position.get(server)
+            if i is not None:
+                used[i] = used.get(i, 0) + end - start
+                active.setdefault(i, {})[reservation.id] = (reservation.expected_end, end - start)
+
+    def _remove_load(self, reservation: Reservation, hops: list[list]) -> None:
+        if "used" not in self._cache:
+            return  # rebuilt from the reservations when next needed
+        position, used, active = self.position(), self._cache["used"], self._cache["active"]
+        for server, start, end in hops:
+            i = position.get(server)
+            if i is not None and active.get(i, {}).pop(reservation.id, None) is not None:
+                used[i] -= end - start
 
     def view(self) -> SwarmView:
         placement = self.serving()
-        active = {i: tuple(entries) for i, entries in self._cache["active"].items()}
-        return SwarmView(self.scenario(), placement, self.clock(), active, self._cache["index"],
-                         self._cache["used"], self._cache["memo"])
+        return SwarmView(self.scenario(), placement, self.clock(), ActiveBySession(self._cache["active"]),
+                         self._cache["index"], self._cache["used"], self._cache["memo"])
 
     def coverage(self) -> list[int]:
-        per_block = [0] * (self.shape["num_blocks"] if self.shape else 0)
-        for span in self.serving().spans if self.shape else ():
-            for block in range(span.start, span.end):
-                per_block[block] += 1
-        return per_block
+        if self.shape is None:
+            return []
+        if "coverage" not in self._cache:
+            per_block = [0] * self.shape["num_blocks"]
+            for span in self.serving().spans:
+                for block in range(span.start, span.end):
+                    per_block[block] += 1
+            self._cache["coverage"] = per_block
+        return self._cache["coverage"]
 
     def missing(self) -> str | None:
         """Which blocks no serving server holds, as text; None when the model is covered."""
         if self.shape is None:
             return "no server has joined yet"
-        return missing_blocks_text(self.coverage())
+        if "missing" not in self._cache:
+            self._cache["missing"] = missing_blocks_text(self.coverage())
+        return self._cache["missing"]
 
     # -- routes -------------------------------------------------------------------------------
     def client_position(self, client: str) -> int:
-        """The client's index in the scenario (a new client joins the scenario's clients)."""
-        if client not in self.clients:
-            self._changed()
+        """The client's index in the scenario. A new client joins the scenario's clients at the end:
+        the others keep their indices, so routes remembered for them stay valid."""
+        known = client in self.clients
         self.clients[client] = self.clock()
+        if not known:
+            if "scenario" in self._cache:
+                scenario = self._cache["scenario"]
+                if scenario.clients and scenario.clients[0].name == "any" and len(self.clients) == 1:
+                    self._changed()  # the placeholder client goes: nothing remembered is valid
+                else:
+                    self._cache["scenario"] = dataclasses.replace(
+                        scenario, clients=(*scenario.clients, ClientSpec(client, client)))
+            self._cache.pop("client_order", None)
         if "client_order" not in self._cache:
-            self._cache["client_order"] = {c: i for i, c in enumerate(sorted(self.clients))}
+            self._cache["client_order"] = {c: i for i, c in enumerate(self.clients)}
         return self._cache["client_order"][client]
 
     def route(self, client: str, prompt_tokens: int, max_new_tokens: int, avoid: tuple[str, ...] = (),
@@ -442,13 +476,13 @@ class Swarm:
         try:
             decision = decide(self.routing, view, request, start)
         except Infeasible as exc:
-            if previous is not None:
-                self.release(previous.id)
+            if previous is not None:  # it keeps its head: the client may ask again once blocks are back
+                self._save_reservation(previous)
             raise Infeasible(f"no route from block {start}: {exc}") from None
         now = view.now
         if decision.start_s - now > self.config.hold_s:
             if previous is not None:
-                self.release(previous.id)
+                self._save_reservation(previous)
             raise CacheFull(f"every route is full for the next {decision.start_s - now:.0f} s; retry later")
         if start == 0:
             self.arrivals.append(now)
@@ -463,10 +497,14 @@ class Swarm:
                                       decision.start_s + timing.completion_s, 0.0)
             self.reservations[reservation.id] = reservation
         reservation.lease_until = max(reservation.lease_until, now + 2 * (reservation.expected_end - now) + 60.0)
+        self.serving()
         self._add_load(reservation, hops)
+        self._save_reservation(reservation)
+        return reservation, decision.start_s
+
+    def _save_reservation(self, reservation: Reservation) -> None:
         if self.store is not None:
             self.store.put("reservations", reservation.id, asdict(reservation))
-        return reservation, decision.start_s
 
     def _without(self, view: SwarmView, avoid: set[str]) -> SwarmView:
         members = self.members()
@@ -475,18 +513,11 @@ class Swarm:
         placement = Placement(spans, view.placement.num_blocks)
         return SwarmView(view.scenario, placement, view.now, view.active, None, view.used, None)
 
-    def _add_load(self, reservation: Reservation, hops: list[list]) -> None:
-        self.serving()
-        position = {r.id: i for i, r in enumerate(self.members())}
-        for server, start, end in hops:
-            if server in position:
-                i = position[server]
-                self._cache["used"][i] = self._cache["used"].get(i, 0) + end - start
-                self._cache["active"].setdefault(i, []).append((reservation.expected_end, end - start))
-
     def _drop_hops(self, reservation: Reservation, start: int) -> None:
+        self._remove_load(reservation, reservation.hops)
         reservation.hops = [hop for hop in reservation.hops if hop[1] < start]
-        self._cache.pop("serving", None)  # load is rebuilt from the reservations left
+        if "used" in self._cache:
+            self._add_load(reservation, reservation.hops)
 
     def release(self, reservation_id: str) -> bool:
         reservation = self.reservations.pop(reservation_id, None)
@@ -494,17 +525,7 @@ class Swarm:
             return False
         if self.store is not None:
             self.store.delete("reservations", reservation_id)
-        if "used" in self._cache:
-            position = {r.id: i for i, r in enumerate(self.members())}
-            for server, start, end in reservation.hops:
-                i = position.get(server)
-                if i is None:
-                    continue
-                self._cache["used"][i] -= end - start
-                entries = self._cache["active"].get(i, [])
-                entry = (reservation.expected_end, end - start)
-                if entry in entries:
-                    entries.remove(entry)
+        self._remove_load(reservation, reservation.hops)
         return True
 
     def tickets(self, reservation: Reservation) -> list[dict]:
@@ -526,8 +547,32 @@ class Swarm:
                 self.rtts[(client, server)] = rtt
                 if self.store is not None:
                     self.store.put("rtts", f"{client} {server}", rtt)
-        self.clients[client] = self.clock()
-        self._changed()
+        self.client_position(client)
+        if "memo" in self._cache:
+            self._cache["memo"].clear()  # remembered routes were priced with the old RTTs
+
+
+class MeasuredRtts(Mapping):
+    """RTTs as NetworkSpec reads them: what clients measured, DEFAULT_RTT_S for any pair not
+    measured. A view onto the live measurements, so a report changes no scenario."""
+
+    def __init__(self, measured: dict):
+        self._measured = measured
+
+    def __getitem__(self, pair):
+        measured = self._measured.get(pair)
+        if measured is None:
+            measured = self._measured.get(pair[::-1], DEFAULT_RTT_S)
+        return measured
+
+    def __contains__(self, pair) -> bool:
+        return True
+
+    def __iter__(self):
+        return iter(self._measured)
+
+    def __len__(self):
+        return max(1, len(self._measured))
 
 
 def missing_blocks_text(coverage: list[int]) -> str | None:
