@@ -1,4 +1,5 @@
-"""The acceptance commands on the real embedded model: `generate` over three servers, and `demo`."""
+"""The acceptance commands on the real embedded model: `generate` over three servers, through a
+coordinator that placed three servers none of which was told its blocks, and `demo`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from blockswarm.model.checkpoint import SMOLLM2
-from blockswarm.runtime.launcher import local_swarm
+from blockswarm.runtime.launcher import coordinated_swarm, local_swarm
 
 from conftest import reference_model
 
@@ -17,14 +18,18 @@ pytestmark = pytest.mark.slow
 PROMPT = "The three primary colors are"
 
 
-def test_cli_generate_prints_transformers_greedy_continuation(smollm2_dir):
+def greedy_text(smollm2_dir) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     out = reference_model(smollm2_dir).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                                                 do_sample=False)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_cli_generate_prints_transformers_greedy_continuation(smollm2_dir):
+    expected = greedy_text(smollm2_dir)
     with local_swarm(SMOLLM2, [(0, 10), (10, 20), (20, 30)], ["--threads", "1"]) as addresses:
         run = subprocess.run(
             [sys.executable, "-m", "blockswarm", "generate", "--servers", ",".join(addresses),
@@ -36,12 +41,39 @@ def test_cli_generate_prints_transformers_greedy_continuation(smollm2_dir):
     assert "route:" in run.stderr and "per token" in run.stderr
 
 
-def test_demo_answers_paris():
+def test_coordinated_generate_and_status_as_the_acceptance_commands_run_them(smollm2_dir, tmp_path):
+    import json
+
+    expected = greedy_text(smollm2_dir)
+    state = str(tmp_path / "state.sqlite")
+    with coordinated_swarm(SMOLLM2, ["400MiB", "300MiB", "200MiB"], ["--state", state],
+                           ["--threads", "1"]) as (address, servers, _):
+        run = subprocess.run(
+            [sys.executable, "-m", "blockswarm", "generate", "--coordinator", address,
+             "--max-new-tokens", "24", "--temperature", "0", "--no-chat-template", PROMPT],
+            capture_output=True, text=True, timeout=300,
+        )
+        out = tmp_path / "status.json"
+        status = subprocess.run([sys.executable, "-m", "blockswarm", "status", "--coordinator", address,
+                                 "--json", str(out)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected + "\n"
+    assert status.returncode == 0, status.stderr
+    data = json.loads(out.read_text())
+    assert sorted(s["address"] for s in data["servers"]) == sorted(servers)
+    assert all(isinstance(s["start"], int) and s["end"] > s["start"] and s["state"] == "serving"
+               for s in data["servers"])
+    assert len(data["coverage"]) == 30 and min(data["coverage"]) >= 1
+    assert sum(data["coverage"]) == sum(s["end"] - s["start"] for s in data["servers"])
+
+
+def test_demo_answers_paris_through_the_placement_it_explains():
     run = subprocess.run([sys.executable, "-m", "blockswarm", "demo", "--prompt", "What is the capital of France?"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "Paris" in run.stdout
-    assert "Servers stopped." in run.stderr
+    assert "Placement by cgbp for R=2" in run.stderr and "predicted per-token time" in run.stderr
+    assert "Coordinator and servers stopped." in run.stderr
 
 
 def test_generate_with_no_servers_is_a_clear_error():

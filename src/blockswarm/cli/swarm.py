@@ -230,40 +230,82 @@ def _report(result) -> None:
     typer.echo(timing_report(result), err=True)
 
 
+DEMO_MEMORIES = ("400MiB", "300MiB", "200MiB", "300MiB", "200MiB", "400MiB")
+
+
 @app.command()
 def demo(
     prompt: str = typer.Option(DEFAULT_PROMPT, help="The question to ask."),
-    servers: int = typer.Option(3, help="How many local server processes to split the model over."),
+    servers: int = typer.Option(3, help="How many local servers (each offers a different memory budget: "
+                                "400, 300, 200 MiB, ...)."),
     max_new_tokens: int = typer.Option(48, help="Stop after this many new tokens."),
 ):
-    """Start local servers holding SmolLM2-135M in spans, answer a prompt through them, shut down."""
-    _require(servers >= 1, f"--servers must be at least 1, got {servers}")
+    """A coordinator places SmolLM2-135M on local servers none of which is told its blocks, then
+    answers a question through the route it hands out; everything stops at the end or on Ctrl-C."""
+    _require(2 <= servers <= len(DEMO_MEMORIES), f"--servers must be 2..{len(DEMO_MEMORIES)}, got {servers}")
     _require(max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    with _interruptible("\nInterrupted; servers stopped."):
+    with _interruptible("\nInterrupted; the coordinator and servers stopped."):
+        import tempfile
+
         from blockswarm.core.errors import BlockswarmError
-        from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2, load_config
-        from blockswarm.model.families import num_blocks
+        from blockswarm.model.checkpoint import SMOLLM2, ensure_smollm2
         from blockswarm.runtime.client import DistributedModel
-        from blockswarm.runtime.launcher import even_spans, local_swarm
+        from blockswarm.runtime.launcher import coordinated_swarm
 
         try:
             typer.echo("Preparing SmolLM2-135M-Instruct (converted once, then cached)...", err=True)
-            blocks = num_blocks(load_config(ensure_smollm2()))
-            _require(servers <= blocks, f"--servers {servers}: SmolLM2 has {blocks} blocks, so at most {blocks} "
-                                        "servers can each hold some")
-            spans = even_spans(blocks, servers)
-            typer.echo(f"Starting {servers} servers: " + ", ".join(f"blocks {a}:{b}" for a, b in spans), err=True)
-            with local_swarm(SMOLLM2, spans, ["--threads", "1"]) as addresses:
-                typer.echo(f"Servers ready at {', '.join(addresses)}", err=True)
-                with DistributedModel.from_servers(addresses, model=SMOLLM2) as model:
-                    typer.echo(f"\nQ: {prompt}\nA: ", nl=False)
-                    result = model.generate(prompt, max_new_tokens=max_new_tokens,
-                                            on_token=lambda _id, delta: (sys.stdout.write(delta), sys.stdout.flush()))
-                typer.echo("\n")
-                _report(result)
-            typer.echo("Servers stopped.", err=True)
+            ensure_smollm2()
+            memories = list(DEMO_MEMORIES[:servers])
+            with tempfile.TemporaryDirectory(prefix="blockswarm-demo-") as scratch:
+                log = f"{scratch}/swarm.log"
+                typer.echo(f"Starting a coordinator (policy cgbprr, R=2) and {servers} servers offering "
+                           f"{', '.join(memories)}; none is told its blocks (their logs: {log})", err=True)
+                with open(log, "w") as logfile, coordinated_swarm(
+                        SMOLLM2, memories, ["--R", "2", "--state", f"{scratch}/state.sqlite"], ["--threads", "1"],
+                        stderr=logfile) as (address, _servers, _coordinator):
+                    with DistributedModel.from_coordinator(address, model=SMOLLM2) as model:
+                        typer.echo(_describe_placement(address), err=True)
+                        typer.echo(f"\nQ: {prompt}\nA: ", nl=False)
+                        result = model.generate(prompt, max_new_tokens=max_new_tokens,
+                                                on_token=lambda _id, delta: (sys.stdout.write(delta),
+                                                                             sys.stdout.flush()))
+                    typer.echo("\n")
+                    _report(result)
+            typer.echo("Coordinator and servers stopped.", err=True)
         except BlockswarmError as exc:
             _fail(str(exc))
+
+
+def _describe_placement(address: str) -> str:
+    """The coordinator's placement and why: CG-BP gives server j m_j = min(floor(M_j / (s_m + s_c R)), L)
+    blocks, fastest (amortized) first, each on the window that most needs capacity."""
+    import zmq
+
+    from blockswarm.runtime.coordinator.link import CoordinatorLink
+
+    context = zmq.Context()
+    try:
+        data = CoordinatorLink(context, address).call("status", scenario=True)
+    finally:
+        context.destroy(linger=0)
+    model = data["scenario"]["model"]
+    block = model["params_per_block"] * model["weight_bytes_per_param"]
+    cache = 2 * model["d_kv"] * data["session_tokens"] * model["kv_bytes"]
+    R, L = data["R"], model["num_blocks"]
+    lines = [f"\nPlacement by {data['placement_policy']} for R={R} concurrent sessions: a block's weights take "
+             f"s_m = {block / 2**20:.1f} MiB, one session's cache on a block s_c = {cache / 2**20:.1f} MiB "
+             f"({data['session_tokens']} tokens), so a server with memory M gets min(floor(M / (s_m + {R}·s_c)), "
+             f"{L}) blocks, fastest first, each where capacity is most needed:"]
+    for s in data["servers"]:
+        blocks = s["end"] - s["start"]
+        lines.append(f"  {s['address']:<16} {s['memory_bytes'] / 2**20:5.0f} MiB  "
+                     f"{s['block_decode_s'] * 1e3:6.2f} ms/block/token  -> blocks {s['start']:>2}:{s['end']:<2} "
+                     f"({blocks} blocks, cache for {s['slots'] // max(1, blocks)} sessions)")
+    lines.append("coverage per block: " + " ".join(str(c) for c in data["coverage"]))
+    if data["predicted_per_token_s"] is not None:
+        lines.append(f"predicted per-token time on the best route (WS-RR): "
+                     f"{data['predicted_per_token_s'] * 1e3:.1f} ms")
+    return "\n".join(lines)
 
 
 keys_app = typer.Typer(help="Key pairs for private swarms (ZeroMQ CURVE).", no_args_is_help=True)

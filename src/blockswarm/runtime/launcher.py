@@ -57,22 +57,23 @@ def member_command(model: str, coordinator: str, memory: str, extra: list[str] =
             "--memory", memory, "--port", "0", *extra]
 
 
-def start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True,
+def start(command: list[str], stderr=None) -> subprocess.Popen:
+    """A blockswarm process whose stdout the launcher reads (READY lines); stderr: inherited, or a file."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 @contextlib.contextmanager
 def coordinated_swarm(model: str, memories: list[str], coordinator_args: list[str] = (),
-                      server_args: list[str] = (), timeout_s: float = 180.0):
+                      server_args: list[str] = (), timeout_s: float = 180.0, stderr=None):
     """A coordinator and one server per memory budget, none told its blocks. Yields (coordinator
     address, {server address: process}, coordinator process) once every server serves its span."""
     processes = []
     try:
-        coordinator = start(coordinator_command(model, list(coordinator_args)))
+        coordinator = start(coordinator_command(model, list(coordinator_args)), stderr)
         processes.append(coordinator)
         address = wait_ready(coordinator, 30)
-        servers = [start(member_command(model, address, memory, list(server_args))) for memory in memories]
+        servers = [start(member_command(model, address, memory, list(server_args)), stderr) for memory in memories]
         processes.extend(servers)
         yield address, {wait_ready(p, timeout_s): p for p in servers}, coordinator
     finally:
