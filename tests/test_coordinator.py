@@ -269,3 +269,30 @@ def test_a_server_cannot_claim_to_serve_before_it_has_a_span():
     swarm.heartbeat(record.id, {"state": "serving", "start": None, "end": None, "free_cache_tokens": 0,
                                 "sessions": 0})
     assert record.state == "loading" and swarm.coverage() == [0] * 30
+
+
+def test_without_R_the_measured_rate_re_places_one_idle_server_at_a_time():
+    clock = Clock()
+    swarm = Swarm(SwarmConfig("smollm2", R=None), None, clock)  # R from the arrival rate
+    for i, memory in enumerate((400, 400, 300, 300, 200, 200)):
+        swarm.register(registration(6000 + 10 * i, memory, 4.0))
+    clock.now += SETTLE_S
+    swarm.place()
+    serve_all(swarm)
+    first_R = swarm.R_placed
+    assert first_R >= 1  # sized for the default rate (no arrivals yet)
+    for n in range(300):  # a burst: 300 sessions in 30 s, each released at once
+        clock.now += 0.1
+        reservation, _ = swarm.route(f"c{n % 3}", 16, 16)
+        swarm.release(reservation.id)
+    swarm.place()
+    assert swarm.R_placed >= 1.5 * first_R
+    target = PLACEMENTS["cgbp"](swarm.scenario(), swarm.R_placed, 0)
+    wanted = {swarm.members()[s.server].id: (s.start, s.end) for s in target.spans}
+    for _ in range(10):  # each tick moves at most one server, and never uncovers a block
+        loading = [r for r in swarm.members() if r.state == "loading"]
+        assert len(loading) <= 1 and swarm.missing() is None
+        serve_all(swarm)
+        clock.now += 1.0
+        swarm.place()
+    assert {r.id: (r.start, r.end) for r in swarm.members()} == wanted

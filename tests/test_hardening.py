@@ -290,7 +290,7 @@ def test_a_generation_survives_four_failures_while_spares_remain(llama):
 
         sessions = []
         original = model.session
-        model.session = lambda n: sessions.append(original(n)) or sessions[-1]
+        model.session = lambda n, **kw: sessions.append(original(n, **kw)) or sessions[-1]
         session_chain = lambda: sessions[-1].chain  # noqa: E731
         result = model.generate(PROMPT, max_new_tokens=12, stop_at_eos=False, on_token=kill_the_second_hop)
         assert result.token_ids == reference_greedy(llama, PROMPT, 12)

@@ -181,3 +181,38 @@ def test_with_curve_neither_hidden_states_nor_session_tokens_cross_the_wire_in_c
         finally:
             for proxy in proxies:
                 proxy.close()
+
+
+@pytest.mark.slow
+def test_a_private_coordinated_swarm_admits_its_members_only(tiny_model_dirs, keys, tmp_path):
+    """The coordinator takes CURVE keys like servers: it admits the servers and clients in its
+    --allow directory, and hands clients the keys of the servers on their route."""
+    import shutil
+
+    from blockswarm.runtime.coordinator.link import CoordinatorLink
+    from blockswarm.runtime.launcher import coordinated_swarm
+
+    directory = tiny_model_dirs["llama"]
+    write_keypair(tmp_path, "coordinator")
+    members = tmp_path / "members"
+    members.mkdir()
+    for public in (keys / "server.key", keys / "clients" / "alice.key"):
+        shutil.copy(public, members / public.name)
+    coordinator_args = ["--R", "2", "--session-tokens", "256", "--state", str(tmp_path / "state.sqlite"),
+                        "--keys", str(tmp_path / "coordinator"), "--allow", str(members)]
+    server_args = ["--threads", "1", "--keys", str(keys / "server"), "--allow", str(keys / "clients")]
+    known = tmp_path / "known"
+    with coordinated_swarm(str(directory), ["1.2MiB", "1.2MiB"], coordinator_args, server_args,
+                           known_servers=known, coordinator_key=tmp_path / "coordinator.key") as (address, _, _):
+        alice = ClientKeys.load(str(keys / "clients" / "alice"), str(known))
+        with DistributedModel.from_coordinator(address, model=str(directory), keys=alice) as model:
+            assert model.generate(PROMPT, max_new_tokens=8).token_ids == reference_greedy(directory, PROMPT, 8)
+        context = zmq.Context()
+        try:
+            mallory = ClientKeys.load(str(keys / "strangers" / "mallory"), str(known))
+            with pytest.raises(Refused, match="refused our key"):
+                CoordinatorLink(context, address, mallory).call("hello", client="m")
+            with pytest.raises(Refused, match="it is private; connect with --keys"):
+                CoordinatorLink(context, address).call("hello", client="anonymous")
+        finally:
+            context.destroy(linger=0)

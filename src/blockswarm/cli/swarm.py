@@ -38,6 +38,8 @@ def serve(
                                        "serve a private swarm, encrypted, admitting only --allow's keys."),
     allow: Optional[str] = typer.Option(None, help="Directory of the public key files (*.key) of the clients a "
                                         "private server admits."),
+    known_servers: Optional[str] = typer.Option(None, help="With --coordinator and --keys: a file of `HOST:PORT "
+                                                "PUBLIC_KEY_FILE` lines naming the coordinator's public key."),
     prefill_budget: int = typer.Option(512, help="Tokens computed per slice: longer prompts run in slices, with "
                                        "other sessions' steps in between."),
     max_session_tokens: Optional[int] = typer.Option(None, help="Longest session one client may open (default: "
@@ -67,6 +69,11 @@ def serve(
             memory_bytes = parse_memory(memory)
         except BlockswarmError as exc:
             _fail(str(exc))
+    _require(known_servers is None or (coordinator is not None and keys is not None),
+             "--known-servers is for a private server joining a coordinator (with --coordinator and --keys)")
+    _require(coordinator is None or keys is None or known_servers is not None,
+             "a private server joining a coordinator needs --known-servers FILE with the coordinator's public key "
+             "(a line `HOST:PORT PATH/TO/coordinator.key`)")
     if coordinator is not None:
         from blockswarm.runtime.coordinator.link import parse_address
 
@@ -95,7 +102,7 @@ def serve(
             if coordinator is not None:
                 from blockswarm.runtime.member import run_member
 
-                run_member(config)
+                run_member(config, _client_keys(keys, known_servers) if keys else None)
                 return
             _check_span_in_model(model, start, end)
             run_server(config)

@@ -47,6 +47,7 @@ def connect(cls, address: str, model: str, timeout_s: float, dtype: str, keys, w
             raise BadRequest(f"the swarm runs {shape['dtype']}; the client runs {dtype} (pass --dtype {shape['dtype']})")
         built = cls(head, {}, context, timeout_s, keys)
         built.coordinator = Coordinated(context, address, keys, client, hello["session_tokens"], wait_s)
+        built.coordinator.learn_keys(hello.get("keys") or {})
         built.session = built.coordinator.bind(built)
         built.coordinator.start_measuring(hello["servers"])
         link.close()
@@ -132,6 +133,13 @@ class Coordinated:
 
         return session
 
+    def learn_keys(self, keys: dict) -> None:
+        """Servers' public keys, as the coordinator (which authenticated them) hands them out."""
+        if self.keys is not None:
+            for address, key in keys.items():
+                if isinstance(address, str) and isinstance(key, str):
+                    self.keys.servers.setdefault(address, key.encode())
+
     def _hops(self, reply: dict) -> list[Hop]:
         hops = reply.get("hops")
         if not isinstance(hops, list) or not hops:
@@ -163,7 +171,9 @@ class Coordinated:
                     link.call("rtts", client=self.client, rtts=report)
                 if self._stop.wait(RTT_EVERY_S):
                     break
-                servers = link.call("hello", client=self.client).get("servers", servers)
+                hello = link.call("hello", client=self.client)
+                self.learn_keys(hello.get("keys") or {})
+                servers = hello.get("servers", servers)
         except Exception as exc:  # the context closed under it, or the coordinator went away: measuring is optional
             log.debug("RTT measuring stopped: %s", exc)
         finally:

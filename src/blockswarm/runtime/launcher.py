@@ -65,15 +65,23 @@ def start(command: list[str], stderr=None) -> subprocess.Popen:
 
 @contextlib.contextmanager
 def coordinated_swarm(model: str, memories: list[str], coordinator_args: list[str] = (),
-                      server_args: list[str] = (), timeout_s: float = 180.0, stderr=None):
+                      server_args: list[str] = (), timeout_s: float = 180.0, stderr=None,
+                      known_servers=None, coordinator_key=None):
     """A coordinator and one server per memory budget, none told its blocks. Yields (coordinator
-    address, {server address: process}, coordinator process) once every server serves its span."""
+    address, {server address: process}, coordinator process) once every server serves its span.
+    A private swarm: `known_servers` is written with the coordinator's address and
+    `coordinator_key` (its public key file) once its port is known, and handed to the servers."""
     processes = []
     try:
         coordinator = start(coordinator_command(model, list(coordinator_args)), stderr)
         processes.append(coordinator)
         address = wait_ready(coordinator, 30)
-        servers = [start(member_command(model, address, memory, list(server_args)), stderr) for memory in memories]
+        server_args = list(server_args)
+        if known_servers is not None:
+            with open(known_servers, "w") as out:
+                out.write(f"{address} {os.path.abspath(coordinator_key)}\n")
+            server_args += ["--known-servers", str(known_servers)]
+        servers = [start(member_command(model, address, memory, server_args), stderr) for memory in memories]
         processes.extend(servers)
         yield address, {wait_ready(p, timeout_s): p for p in servers}, coordinator
     finally:

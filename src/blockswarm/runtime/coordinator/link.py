@@ -11,8 +11,9 @@ import itertools
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from blockswarm.core.errors import BadPeer, BadRequest, Timeout
+from blockswarm.core.errors import BadPeer, BadRequest, Refused, Timeout
 from blockswarm.runtime.messages import MAX_HEADER_BYTES, decode_header, encode_header, keep_alive, raise_if_error
 
 
@@ -23,6 +24,8 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+REFUSED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 MAX_REPLY_BYTES = 256 * MAX_HEADER_BYTES  # 16 MiB: `status` of a swarm of thousands of servers
 
 
@@ -43,6 +46,7 @@ class CoordinatorLink:
             from blockswarm.runtime.security import secure_client
 
             secure_client(socket, self.keys, self.address)
+        self.monitor = socket.get_monitor_socket(REFUSED_EVENTS)  # before connect: no event missed
         socket.connect(f"tcp://{self.host}:{self.port}")
         return socket
 
@@ -51,11 +55,18 @@ class CoordinatorLink:
         rid = next(self._rids)
         self.socket.send(encode_header({"op": op, "rid": rid, **fields}))
         deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(int(left * 1000) + 1):
-                self.socket.close(linger=0)
-                self.socket = self._connect()
+            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if self.monitor in ready:
+                event = recv_monitor_message(self.monitor)["event"]
+                self._reset()
+                raise Refused(self._refused(event))
+            if self.socket not in ready:
+                self._reset()
                 raise Timeout(f"the coordinator at {self.address} did not answer {op!r} within {timeout_s:g} s; "
                               "is it running?")
             frames = self.socket.recv_multipart()
@@ -66,5 +77,20 @@ class CoordinatorLink:
             if header.get("rid") == rid:
                 return raise_if_error(header)
 
+    def _reset(self) -> None:
+        self.close()
+        self.socket = self._connect()
+
+    def _refused(self, event: int) -> str:
+        if self.keys is None:
+            return (f"the coordinator at {self.address} refused the connection at the handshake: it is private; "
+                    "connect with --keys DIR/NAME and --known-servers FILE (with its public key)")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the coordinator at {self.address} refused our key: it is not in its --allow directory; "
+                    "ask its operator to add our public key file (NAME.key)")
+        return (f"the handshake with the coordinator at {self.address} failed: it is not private, or its key is "
+                "not the one --known-servers names for it")
+
     def close(self) -> None:
+        self.monitor.close(linger=0)
         self.socket.close(linger=0)

@@ -196,8 +196,10 @@ class Coordinator:
             return ok(rid), None
         if op == "hello":
             swarm.client_position(text(header, "client", 64))
-            return ok(rid, shape=swarm.shape, servers=[r.address for r in swarm.members()], missing=swarm.missing(),
-                      session_tokens=swarm.config.session_tokens, version=PROTOCOL_VERSION), None
+            members = swarm.members()
+            return ok(rid, shape=swarm.shape, servers=[r.address for r in members], missing=swarm.missing(),
+                      keys={r.address: r.key for r in members if r.key}, session_tokens=swarm.config.session_tokens,
+                      version=PROTOCOL_VERSION), None
         if op == "rtts":
             rtts = header.get("rtts")
             if not isinstance(rtts, dict) or len(rtts) > MAX_RTT_REPORT:

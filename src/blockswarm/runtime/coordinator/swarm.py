@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Mapping
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -26,75 +25,21 @@ from blockswarm.core.specs import (
     ClientSpec, ModelSpec, NetworkSpec, Placement, Request, Scenario, ServerSpec, Span, WorkloadSpec,
 )
 from blockswarm.perf.model import route_time
-from blockswarm.planner import live, wsrr
-from blockswarm.planner.registry import PLACEMENTS, decide, parse_policy
+from blockswarm.planner import live
+from blockswarm.planner.registry import decide, parse_policy
 from blockswarm.planner.routing import block_index
 from blockswarm.planner.view import ActiveBySession, SwarmView
+from blockswarm.runtime.coordinator.placing import Placing
+from blockswarm.runtime.coordinator.records import (  # noqa: F401  (re-exported for the service and tests)
+    DEFAULT_RTT_S, GONE_KEPT_S, GRACE_S, HEARTBEAT_S, MISSES, SETTLE_S, STATES, TICKET_S, TYPICAL_TOKENS,
+    MeasuredRtts, Reservation, ServerRecord, SwarmConfig, missing_blocks_text,
+)
 from blockswarm.runtime.coordinator.store import Store
 from blockswarm.runtime.tickets import Ticket, new_secret
 
-HEARTBEAT_S = 1.0  # servers report their load this often...
-MISSES = 3  # ...and one silent for this many periods is gone
-SETTLE_S = 2.0  # servers that join within this window of each other are placed together
-GRACE_S = 15.0  # after a restart, servers on record must report within this or are dropped
-DEFAULT_RTT_S = 0.001  # a client-server pair nobody has measured yet (loopback/LAN scale)
-DEFAULT_RATE = 0.1  # requests/s assumed for R before any arrival was seen (the scenario default)
-RATE_WINDOW_S = 300.0  # arrival rate measured over this sliding window...
-RATE_MIN_ARRIVALS = 5  # ...once it holds this many arrivals
-TICKET_S = 600.0  # a ticket opens sessions for this long after it was issued
-GONE_KEPT_S = 300.0  # a gone server stays in `status` this long
-TYPICAL_TOKENS = 64  # prompt and output lengths for predictions and R (not for cache sizing)
-STATES = ("loading", "serving", "draining", "gone")
-
 
 @dataclass
-class ServerRecord:
-    id: str
-    address: str  # control host:port
-    data_port: int
-    device: str
-    memory_bytes: int
-    block_decode_s: float
-    block_prefill_s_per_token: float
-    block_prefill_base_s: float
-    secret: str  # tickets for this server are signed with it
-    key: str | None = None  # its CURVE public key (z85), as authenticated, in a private swarm
-    start: int | None = None
-    end: int | None = None
-    slots: int = 0  # block-sessions the coordinator may reserve here
-    cache_tokens: int = 0  # the server's cache budget, tokens per block of its span
-    state: str = "loading"
-    loaded: bool = False  # the server reported serving its assigned span
-    free_cache_tokens: int = 0
-    sessions: int = 0
-    joined: float = 0.0
-    last_seen: float = 0.0
-    sequence: int = 0  # registration order: the scenario's server order (times can tie)
-
-
-@dataclass
-class Reservation:
-    id: str
-    client: str
-    hops: list[list]  # [server id, start, end] per hop
-    max_length: int
-    start_at: float  # when every hop has its slots (WS-RR may answer with a later time)
-    expected_end: float
-    lease_until: float  # a vanished client's reservation is dropped then
-
-
-@dataclass(frozen=True)
-class SwarmConfig:
-    model: str  # the name servers must report (e.g. smollm2)
-    policy: str = "cgbprr"
-    R: int | None = None  # fixed R; None: from the measured arrival rate
-    session_tokens: int = 2048  # the longest session (prompt + new tokens) cache is sized for
-    hop_overhead_s: float = 0.001  # the runtime's per-hop transport cost, t_cj = RTT + this
-    hold_s: float = 30.0  # a request WS-RR would start later than this gets cache_full instead
-
-
-@dataclass
-class Swarm:
+class Swarm(Placing):
     config: SwarmConfig
     store: Store | None = None
     clock: object = time.time
@@ -111,6 +56,8 @@ class Swarm:
     def __post_init__(self):
         self.placement_name, self.routing = parse_policy(self.config.policy)
         self._cache: dict = {}  # scenario, indices, placement, view parts; cleared on any change
+        self._cache_R: dict = {}  # when R was last checked and last acted on
+        self._targets: dict[str, Span] = {}  # moves of a re-placement still to make
         if self.store is not None:
             self._restore()
 
@@ -258,84 +205,6 @@ class Swarm:
             self._cache["members"] = sorted((r for r in self.servers.values() if r.state != "gone"),
                                             key=lambda r: r.sequence)
         return self._cache["members"]
-
-    def place(self) -> None:
-        """Place servers waiting for a span, once no server joined for SETTLE_S; restore coverage."""
-        members = self.members()
-        if not members or self.shape is None:
-            return
-        waiting = [r for r in members if r.start is None]
-        settled = self.clock() - self.last_join >= SETTLE_S
-        if waiting and settled:
-            scenario = self.scenario()
-            index = {r.id: i for i, r in enumerate(members)}
-            placed = [r for r in members if r.start is not None]
-            if not placed:
-                self._place_all(scenario, members)
-            else:
-                R = self.R_placed or 1
-                spans = live.extend(self.placement_name, scenario, self._placement(placed, scenario),
-                                    [index[r.id] for r in waiting], R)
-                for span in spans:
-                    self._assign(members[span.server], span, scenario)
-                    self.log.append(f"placed the newcomer {members[span.server].address} on blocks "
-                                    f"{span.start}:{span.end}")
-            self._changed()
-        self._repair()
-
-    def _place_all(self, scenario: Scenario, members: list[ServerRecord]) -> None:
-        try:
-            R = self.current_R(scenario)
-            placement = PLACEMENTS[self.placement_name](scenario, R, 0)
-        except Infeasible as exc:
-            if self._cache.get("said") != str(exc):
-                self.log.append(f"cannot place the swarm yet: {exc}")
-            self._cache["said"] = str(exc)
-            return
-        self.R_placed = R
-        self._save_meta()
-        for span in placement.spans:
-            self._assign(members[span.server], span, scenario)
-        described = ", ".join(f"{members[s.server].address}[{s.start}:{s.end}]" for s in placement.spans)
-        self.log.append(f"placed {len(placement.spans)} servers with {self.placement_name} for R={R}: {described}")
-
-    def _repair(self) -> None:
-        """Blocks nobody holds: move idle servers onto them (their own blocks stay covered)."""
-        members = self.members()
-        holders = [r for r in members if r.start is not None]
-        if not holders or any(r.start is None for r in members):
-            return
-        scenario = self.scenario()
-        placement = self._placement(holders, scenario)
-        if not live.missing_blocks(placement):
-            return
-        index = {r.id: i for i, r in enumerate(members)}
-        busy = self._busy_servers()
-        idle = [index[r.id] for r in holders if r.state == "serving" and r.sessions == 0 and r.id not in busy]
-        moves = live.repair(self.placement_name, scenario, placement, idle, self.R_placed or 1)
-        for span in moves:
-            record = members[span.server]
-            self.log.append(f"moving idle server {record.address} from {record.start}:{record.end} to "
-                            f"{span.start}:{span.end} to cover blocks nobody holds")
-            self._assign(record, span, scenario)
-        if moves:
-            self._changed()
-
-    def _busy_servers(self) -> set[str]:
-        return {hop[0] for r in self.reservations.values() for hop in r.hops}
-
-    def current_R(self, scenario: Scenario) -> int:
-        if self.config.R is not None:
-            return self.config.R
-        return wsrr.choose_R(scenario, self.arrival_rate())
-
-    def arrival_rate(self) -> float:
-        now = self.clock()
-        while self.arrivals and self.arrivals[0] < now - RATE_WINDOW_S:
-            self.arrivals.popleft()
-        if len(self.arrivals) < RATE_MIN_ARRIVALS:
-            return DEFAULT_RATE
-        return len(self.arrivals) / RATE_WINDOW_S
 
     # -- the planner's view of the live swarm -------------------------------------------------
     def scenario(self) -> Scenario:
@@ -550,41 +419,3 @@ class Swarm:
         self.client_position(client)
         if "memo" in self._cache:
             self._cache["memo"].clear()  # remembered routes were priced with the old RTTs
-
-
-class MeasuredRtts(Mapping):
-    """RTTs as NetworkSpec reads them: what clients measured, DEFAULT_RTT_S for any pair not
-    measured. A view onto the live measurements, so a report changes no scenario."""
-
-    def __init__(self, measured: dict):
-        self._measured = measured
-
-    def __getitem__(self, pair):
-        measured = self._measured.get(pair)
-        if measured is None:
-            measured = self._measured.get(pair[::-1], DEFAULT_RTT_S)
-        return measured
-
-    def __contains__(self, pair) -> bool:
-        return True
-
-    def __iter__(self):
-        return iter(self._measured)
-
-    def __len__(self):
-        return max(1, len(self._measured))
-
-
-def missing_blocks_text(coverage: list[int]) -> str | None:
-    """'blocks 10..14 and 20 have no server', or None when every block is held."""
-    gaps, run = [], None
-    for block, holders in enumerate([*coverage, 1]):
-        if holders == 0 and run is None:
-            run = block
-        elif holders and run is not None:
-            gaps.append(f"{run}..{block - 1}" if block - 1 > run else f"{run}")
-            run = None
-    if not gaps:
-        return None
-    return f"block{'s' if len(gaps) > 1 or '..' in gaps[0] else ''} {', '.join(gaps)} of {len(coverage)} " \
-           "have no serving server"
