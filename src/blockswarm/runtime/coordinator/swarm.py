@@ -35,6 +35,8 @@ from blockswarm.runtime.coordinator.records import (  # noqa: F401  (re-exported
     MeasuredRtts, Reservation, ServerRecord, SwarmConfig, missing_blocks_text,
 )
 from blockswarm.runtime.coordinator.store import Store
+
+ENDED_KEPT = 1000
 from blockswarm.runtime.tickets import Ticket, new_secret
 
 
@@ -52,6 +54,7 @@ class Swarm(Placing):
     last_join: float = 0.0
     log: list[str] = field(default_factory=list)  # decisions worth telling (the service prints them)
     arrivals: deque = field(default_factory=deque)
+    ended: dict = field(default_factory=dict)  # reservation -> why it ended (the last ENDED_KEPT), for errors
 
     def __post_init__(self):
         self.placement_name, self.routing = parse_policy(self.config.policy)
@@ -196,7 +199,7 @@ class Swarm(Placing):
                 if self.store is not None:
                     self.store.delete("servers", record.id)
         for reservation in [r for r in self.reservations.values() if r.lease_until < now]:
-            self.release(reservation.id)
+            self.release(reservation.id, "its lease ran out (the client stopped asking)")
 
     # -- placement ----------------------------------------------------------------------------
     def members(self) -> list[ServerRecord]:
@@ -332,7 +335,9 @@ class Swarm(Placing):
                            "tokens this swarm sizes a session's cache for (coordinator --session-tokens)")
         previous = self.reservations.get(reservation_id) if reservation_id else None
         if reservation_id and (previous is None or previous.client != client):
-            raise BadRequest("no such reservation for this client (it ended or its lease ran out); ask for a new route")
+            why = self.ended.get(reservation_id, "never issued to this client") if previous is None else \
+                "it belongs to another client"
+            raise BadRequest(f"no such reservation for this client ({why}); ask for a new route")
         missing = self.missing()
         if missing and start == 0:
             raise Infeasible(f"the swarm does not cover the model: {missing}")
@@ -388,10 +393,13 @@ class Swarm(Placing):
         if "used" in self._cache:
             self._add_load(reservation, reservation.hops)
 
-    def release(self, reservation_id: str) -> bool:
+    def release(self, reservation_id: str, why: str = "its client released it") -> bool:
         reservation = self.reservations.pop(reservation_id, None)
         if reservation is None:
             return False
+        self.ended[reservation_id] = why
+        if len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
         if self.store is not None:
             self.store.delete("reservations", reservation_id)
         self._remove_load(reservation, reservation.hops)
