@@ -296,3 +296,24 @@ def test_without_R_the_measured_rate_re_places_one_idle_server_at_a_time():
         clock.now += 1.0
         swarm.place()
     assert {r.id: (r.start, r.end) for r in swarm.members()} == wanted
+
+
+def test_servers_on_record_carry_no_route_until_they_report_and_newcomers_wait_for_them(tmp_path):
+    clock = Clock()
+    swarm = placed_swarm(store=Store(tmp_path / "state.sqlite"), clock=clock)
+    swarm.store.close()
+    restarted = Swarm(SwarmConfig("smollm2", R=2), Store(tmp_path / "state.sqlite"), clock)
+    assert restarted.missing()  # nobody has reported yet: no route may use a server that may be dead
+    with pytest.raises(Infeasible):
+        restarted.route("a", 10, 10)
+    newcomer = restarted.register(registration(6100, 1000))  # enough for the whole model alone
+    clock.now += SETTLE_S
+    restarted.place()
+    assert newcomer.start is None  # placed beside the swarm as it really is, not as it was
+    clock.now += GRACE_S
+    restarted.heartbeat(newcomer.id, {"state": "loading", "start": None, "end": None, "free_cache_tokens": 0,
+                                      "sessions": 0})
+    restarted.expire()  # nobody on record reported: they are gone
+    restarted.place()
+    assert newcomer.start is not None and all(r.state == "gone" for r in restarted.servers.values()
+                                              if r is not newcomer)

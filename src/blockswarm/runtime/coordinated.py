@@ -15,6 +15,8 @@ import secrets
 import threading
 import time
 
+import zmq
+
 from blockswarm.core.errors import BadRequest, BlockswarmError, Infeasible
 from blockswarm.runtime.chain import Hop
 from blockswarm.runtime.connection import Connection, client_context
@@ -118,7 +120,7 @@ class Coordinated:
             def release() -> None:
                 try:
                     link.call("release", timeout_s=2.0, client=self.client, reservation=reservation)
-                except BlockswarmError as exc:
+                except (BlockswarmError, zmq.ZMQError) as exc:  # (the context may be closing)
                     log.warning("could not release a reservation (its lease will): %s", exc)
                 finally:
                     link.close()

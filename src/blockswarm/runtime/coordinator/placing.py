@@ -21,6 +21,14 @@ class Placing:
             return
         waiting = [r for r in members if r.start is None]
         settled = self.clock() - self.last_join >= SETTLE_S
+        if waiting and any(r.restored for r in members):
+            # the servers on record may be back in a moment, or gone: newcomers are placed beside
+            # the swarm as it really is, once every one of them reported or missed the grace period
+            if not self._cache.get("said_restored"):
+                self.log.append(f"{len(waiting)} server(s) wait to be placed until the servers on record "
+                                "report back or miss the grace period")
+                self._cache["said_restored"] = True
+            return
         if waiting and settled:
             scenario = self.scenario()
             index = {r.id: i for i, r in enumerate(members)}

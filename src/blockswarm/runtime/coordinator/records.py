@@ -45,6 +45,7 @@ class ServerRecord:
     joined: float = 0.0
     last_seen: float = 0.0
     sequence: int = 0  # registration order: the scenario's server order (times can tie)
+    restored: bool = False  # read from the state file and not heard from since
 
 
 @dataclass

@@ -72,8 +72,9 @@ class Swarm(Placing):
         now = self.clock()
         for key, value in self.store.load("servers").items():
             record = ServerRecord(**value)
-            if record.state != "gone":  # it must report within the grace period (see expire)
-                record.last_seen = now + GRACE_S - HEARTBEAT_S * MISSES
+            if record.state != "gone":  # it must report within the grace period (see expire), and until
+                record.last_seen = now + GRACE_S - HEARTBEAT_S * MISSES  # it does, no route uses it
+                record.loaded, record.restored = False, True
             self.servers[key] = record
         for key, value in self.store.load("reservations").items():
             self.reservations[key] = Reservation(**value)
@@ -136,6 +137,7 @@ class Swarm(Placing):
         if record is None or record.state == "gone":
             raise BadRequest("unknown server: register again")
         record.last_seen = self.clock()
+        record.restored = False
         record.free_cache_tokens, record.sessions = report["free_cache_tokens"], report["sessions"]
         serving = report["state"] == "serving"
         span_ok = record.start is not None and (report.get("start"), report.get("end")) == (record.start, record.end)
