@@ -317,3 +317,14 @@ def test_servers_on_record_carry_no_route_until_they_report_and_newcomers_wait_f
     restarted.place()
     assert newcomer.start is not None and all(r.state == "gone" for r in restarted.servers.values()
                                               if r is not newcomer)
+
+
+def test_a_server_a_client_lost_is_gone_once_it_also_misses_a_heartbeat():
+    clock = Clock()
+    swarm = placed_swarm(clock=clock)
+    record = swarm.members()[0]
+    swarm.suspect(record.address)
+    assert record.state == "serving"  # it reported on time: one client's word moves nothing
+    clock.now += 2.0
+    swarm.suspect(record.address)
+    assert record.state == "gone"

@@ -107,10 +107,11 @@ class Coordinated:
                 deadline = time.monotonic() + self.wait_s
                 while True:
                     try:
+                        extra = {"gone": gone} if gone else {}
                         tail = link.call("route", timeout_s=ROUTE_WAIT_S + 10, client=self.client,
                                          prompt_tokens=prompt, max_new_tokens=max(1, max_length - prompt),
                                          reservation=reservation, start=start,
-                                         avoid=sorted(avoid | ({gone} if gone else set())))
+                                         avoid=sorted(avoid | ({gone} if gone else set())), **extra)
                         return self._hops(tail)
                     except Infeasible:
                         if time.monotonic() >= deadline:

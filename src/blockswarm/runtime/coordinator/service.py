@@ -7,7 +7,7 @@ bounds frames, connections and backlogs). Ops:
   `heartbeat` {server, state, start, end, free_cache_tokens, sessions} → {known, assign};
   `leave` {server}.
 - from clients: `hello` {client} → {shape, servers, missing, session_tokens};
-  `route` {client, prompt_tokens, max_new_tokens[, reservation, start, avoid]} →
+  `route` {client, prompt_tokens, max_new_tokens[, reservation, start, avoid, gone]} →
   {reservation, hops: [{address, start, end, ticket, key}], waited_s} (a route WS-RR starts later
   is answered then: the request is held, not refused); `release` {client, reservation};
   `rtts` {client, rtts: {address: seconds}}.
@@ -166,6 +166,8 @@ class Coordinator:
             if reservation_id is not None:
                 reservation_id = text(header, "reservation", 64)
             start = integer(header, "start", 0, 100_000) if "start" in header else 0
+            if header.get("gone") is not None:
+                swarm.suspect(text(header, "gone", 64))
             reservation, start_at = swarm.route(
                 client, integer(header, "prompt_tokens", 1, 10**7), integer(header, "max_new_tokens", 1, 10**7),
                 tuple(avoid), reservation_id, start)
