@@ -48,6 +48,42 @@ def smollm2_dir():
     return ensure_smollm2()
 
 
+@pytest.fixture(scope="module")
+def smollm2_coordinated(smollm2_dir, tmp_path_factory):
+    """A coordinator and three SmolLM2 servers (400, 300, 200 MiB), none told its blocks, shared by
+    a module's tests that need a real coordinated swarm (each server start costs ~8 s of imports)."""
+    from blockswarm.model.checkpoint import SMOLLM2
+    from blockswarm.runtime.launcher import coordinated_swarm
+
+    state = str(tmp_path_factory.mktemp("smollm2-coordinator") / "state.sqlite")
+    with coordinated_swarm(SMOLLM2, ["400MiB", "300MiB", "200MiB"], ["--state", state],
+                           ["--threads", "1"]) as (address, servers, _):
+        wait_until_serving(address)
+        yield address, servers
+
+
+def wait_until_serving(address: str, timeout_s: float = 30.0) -> None:
+    """Servers print READY before the coordinator hears they serve (their next heartbeat)."""
+    import time
+
+    import zmq
+
+    from blockswarm.runtime.coordinator.link import CoordinatorLink
+
+    context = zmq.Context()
+    try:
+        link = CoordinatorLink(context, address)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            servers = link.call("status")["servers"]
+            if servers and all(s["state"] == "serving" for s in servers):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"the servers of {address} did not all report serving in {timeout_s} s")
+    finally:
+        context.destroy(linger=0)
+
+
 def reference_model(directory):
     """The whole model as transformers loads it, with weights copied into fresh memory.
 

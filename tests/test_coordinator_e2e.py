@@ -230,53 +230,48 @@ def test_a_joining_server_is_used_and_a_leaving_one_drains(swarm):
     assert os.path.exists(swarm.args[-1])
 
 
-def test_blocks_nobody_else_holds_get_an_idle_server_and_the_waiting_client_completes(tiny_model_dirs, tmp_path):
-    """Its own small swarm: a server whose blocks are unique dies; the coordinator moves an idle
-    server onto them, and a client that started meanwhile waits and completes. (A session in flight
-    rides through such a repair too when the mover is not on its own route: it waits for the tail;
-    when the only possible mover holds the session's own head, the session fails after --wait.)
-    Then, once the swarm truly cannot cover the model, a client gets a clear error naming the blocks."""
+def test_blocks_nobody_else_holds_get_an_idle_server_and_the_waiting_client_completes(swarm):
+    """Last in the module (it ends the swarm): servers are stopped until one holds blocks nobody
+    else holds and an idle one could take them over; then that one dies. The coordinator moves an
+    idle server onto its blocks, and a client started meanwhile waits and completes. (A session in
+    flight rides through such a repair too when the mover is not on its own route: it waits for the
+    tail; when the only possible mover holds the session's own head, it fails after --wait.)
+    Finally, once the swarm truly cannot cover the model, a client gets an error naming the blocks."""
     from blockswarm.core.errors import Infeasible
     from blockswarm.planner import live
 
-    directory = tiny_model_dirs["llama"]
-    args = ["--R", str(R), "--session-tokens", "256", "--state", str(tmp_path / "state.sqlite")]
-    processes = []
-    try:
-        coordinator = start(coordinator_command(str(directory), args))
-        processes.append(coordinator)
-        address = wait_ready(coordinator, 30)
-        servers = [start(member_command(str(directory), address, m, ["--threads", "1"]))
-                   for m in ("1.2MiB", "0.85MiB", "0.85MiB")]
-        processes.extend(servers)
-        by_address = {wait_ready(p, 180): p for p in servers}
-        small = SimpleNamespace(address=address, context=zmq.Context())
-        wait_until(lambda: all(s["state"] == "serving" for s in status(small)["servers"]), 10)
-        serving = status(small)["servers"]
-        placement = Placement(tuple(Span(i, s["start"], s["end"], s["slots"]) for i, s in enumerate(serving)), 6)
-        losses = live.repairable_losses(placement)
-        assert losses, f"no repairable loss in {[(s['start'], s['end']) for s in serving]}"
-        victim = serving[losses[0]]["address"]
-        before = {s["address"]: (s["start"], s["end"]) for s in serving}
-        by_address[victim].send_signal(signal.SIGKILL)
-        by_address[victim].wait()
-        prompt = [4, 8, 15, 16, 23, 42]
-        wait_until(lambda: [s for s in status(small)["servers"] if s["address"] == victim and s["state"] == "gone"],
-                   10, "the coordinator to see the server gone")
-        # a client started now waits for an idle server to move onto the lost blocks and load them
-        with DistributedModel.from_coordinator(address, model=str(directory), wait_s=60) as model:
-            result = model.generate(prompt, max_new_tokens=12)
-        assert result.token_ids == reference_greedy(directory, prompt, 12)
-        after = {s["address"]: (s["start"], s["end"]) for s in status(small)["servers"] if s["state"] == "serving"}
-        moved = [a for a in after if after[a] != before[a]]
-        assert victim not in after and len(moved) == 1, (before, after)
-        assert any(h.address == moved[0] for h in result.chain)
-        for address_, process in by_address.items():  # now kill the rest: nothing can cover the model
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-        wait_until(lambda: status(small)["missing"], 10, "the coordinator to see the swarm gone")
-        with pytest.raises(Infeasible, match="have no serving server"):
-            DistributedModel.from_coordinator(address, model=str(directory), wait_s=1)
-    finally:
-        stop_all(processes[::-1])
+    def serving():
+        return [s for s in status(swarm)["servers"] if s["state"] == "serving"]
+
+    def placement(servers):
+        return Placement(tuple(Span(i, s["start"], s["end"], s["slots"]) for i, s in enumerate(servers)), 6)
+
+    def kill(addresses):
+        for address in addresses:
+            swarm.servers[address].send_signal(signal.SIGKILL)
+            swarm.servers[address].wait()
+        wait_until(lambda: not {s["address"] for s in serving()} & set(addresses), 10, "the coordinator to see them gone")
+
+    left = serving()
+    spare = []  # servers whose loss uncovers nothing, stopped until a repairable loss exists
+    while not live.repairable_losses(placement(left)):
+        redundant = next(i for i in range(len(left)) if not live.missing_blocks(
+            placement([s for j, s in enumerate(left) if j != i])))
+        spare.append(left.pop(redundant)["address"])
+    kill(spare)
+    left = serving()
+    victim = left[live.repairable_losses(placement(left))[0]]["address"]
+    before = {s["address"]: (s["start"], s["end"]) for s in left}
+    kill([victim])
+    prompt = [4, 8, 15, 16, 23, 42]
+    with DistributedModel.from_coordinator(swarm.address, model=str(swarm.directory), wait_s=60) as model:
+        result = model.generate(prompt, max_new_tokens=12)  # waits for the move and the load
+    assert result.token_ids == reference_greedy(swarm.directory, prompt, 12)
+    after = {s["address"]: (s["start"], s["end"]) for s in serving()}
+    moved = [a for a in after if after[a] != before[a]]
+    assert victim not in after and len(moved) == 1, (before, after)
+    assert any(h.address == moved[0] for h in result.chain)
+    kill(list(after))  # now nothing can cover the model
+    wait_until(lambda: status(swarm)["missing"], 10, "the coordinator to see the swarm gone")
+    with pytest.raises(Infeasible, match="have no serving server"):
+        DistributedModel.from_coordinator(swarm.address, model=str(swarm.directory), wait_s=1)

@@ -202,7 +202,7 @@ def test_a_private_coordinated_swarm_admits_its_members_only(tiny_model_dirs, ke
                         "--keys", str(tmp_path / "coordinator"), "--allow", str(members)]
     server_args = ["--threads", "1", "--keys", str(keys / "server"), "--allow", str(keys / "clients")]
     known = tmp_path / "known"
-    with coordinated_swarm(str(directory), ["1.2MiB", "1.2MiB"], coordinator_args, server_args,
+    with coordinated_swarm(str(directory), ["2.5MiB"], coordinator_args, server_args,
                            known_servers=known, coordinator_key=tmp_path / "coordinator.key") as (address, _, _):
         alice = ClientKeys.load(str(keys / "clients" / "alice"), str(known))
         with DistributedModel.from_coordinator(address, model=str(directory), keys=alice) as model:

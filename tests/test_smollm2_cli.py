@@ -3,14 +3,17 @@ coordinator that placed three servers none of which was told its blocks, and `de
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from blockswarm.model.checkpoint import SMOLLM2
-from blockswarm.runtime.launcher import coordinated_swarm, local_swarm
+from blockswarm.runtime.launcher import local_swarm
 
 from conftest import reference_model
 
@@ -41,21 +44,20 @@ def test_cli_generate_prints_transformers_greedy_continuation(smollm2_dir):
     assert "route:" in run.stderr and "per token" in run.stderr
 
 
-def test_coordinated_generate_and_status_as_the_acceptance_commands_run_them(smollm2_dir, tmp_path):
+def test_coordinated_generate_and_status_as_the_acceptance_commands_run_them(smollm2_dir, smollm2_coordinated,
+                                                                          tmp_path):
     import json
 
     expected = greedy_text(smollm2_dir)
-    state = str(tmp_path / "state.sqlite")
-    with coordinated_swarm(SMOLLM2, ["400MiB", "300MiB", "200MiB"], ["--state", state],
-                           ["--threads", "1"]) as (address, servers, _):
-        run = subprocess.run(
-            [sys.executable, "-m", "blockswarm", "generate", "--coordinator", address,
-             "--max-new-tokens", "24", "--temperature", "0", "--no-chat-template", PROMPT],
-            capture_output=True, text=True, timeout=300,
-        )
-        out = tmp_path / "status.json"
-        status = subprocess.run([sys.executable, "-m", "blockswarm", "status", "--coordinator", address,
-                                 "--json", str(out)], capture_output=True, text=True, timeout=60)
+    address, servers = smollm2_coordinated
+    run = subprocess.run(
+        [sys.executable, "-m", "blockswarm", "generate", "--coordinator", address,
+         "--max-new-tokens", "24", "--temperature", "0", "--no-chat-template", PROMPT],
+        capture_output=True, text=True, timeout=300,
+    )
+    out = tmp_path / "status.json"
+    status = subprocess.run([sys.executable, "-m", "blockswarm", "status", "--coordinator", address,
+                             "--json", str(out)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout == expected + "\n"
     assert status.returncode == 0, status.stderr
@@ -82,3 +84,25 @@ def test_generate_with_no_servers_is_a_clear_error():
     assert run.returncode == 2
     assert "nothing accepts connections at 127.0.0.1:1" in run.stderr and "is the server running?" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_ctrl_c_during_generate_ends_with_one_line_and_code_130(smollm2_coordinated):
+    address, _ = smollm2_coordinated  # (a coordinated swarm, shared: the client releases its route on the way out)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blockswarm", "generate", "--coordinator", address, "--max-new-tokens", "200",
+         "--no-chat-template", "Once upon a time"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        first = process.stdout.read(1)  # the first token's text has arrived: generation is under way
+        assert first, process.stderr.read()
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in stderr, stderr
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0], stderr
