@@ -224,6 +224,7 @@ def test_a_gap_nobody_can_close_is_a_clear_error():
     swarm.leave(middle.id)
     swarm.place()  # moving either other server would uncover its own blocks: nobody moves
     assert not [r for r in swarm.members() if r.state == "loading"]
+    assert "does not cover the model: blocks 15..19" in swarm.log[-1]  # the coordinator's log says it
     with pytest.raises(Infeasible, match="blocks 15..19 of 30 have no serving server"):
         swarm.route("a", 10, 10)
 

@@ -14,6 +14,7 @@ from blockswarm.runtime.coordinator.records import (
 
 
 class Placing:
+    _said_gap: str | None = None  # the last coverage gap logged
     def place(self) -> None:
         """Place servers waiting for a span, once no server joined for SETTLE_S; restore coverage."""
         members = self.members()
@@ -147,6 +148,10 @@ class Placing:
             self._assign(record, span, scenario)
         if moves:
             self._changed()
+        elif self._said_gap != self.missing():
+            self._said_gap = self.missing()  # said once per gap, not every tick
+            self.log.append(f"the swarm does not cover the model: {self._said_gap}; no idle server can take "
+                            "those blocks without uncovering its own. Start a server, or wait for sessions to end.")
 
     def _busy_servers(self) -> set[str]:
         return {hop[0] for r in self.reservations.values() for hop in r.hops}
