@@ -236,9 +236,21 @@ def live_swarm_times() -> dict:
         out["sessions_before_newcomer_used"] = len(held) - 1
         for reservation in held:
             link.call("release", client="filler", reservation=reservation)
-        # 3. re-placement: a server whose blocks nobody else holds dies; an idle one moves onto them
+        # 3. re-placement: a server whose blocks nobody else holds dies; an idle one moves onto them.
+        # Redundant servers are stopped first until such a configuration exists.
+        stopped = []
         victim = _repairable_victim(link.call("status"))
-        out["replacement"] = {"victim": victim}
+        while victim is None:
+            redundant = _redundant_server(link.call("status"))
+            if redundant is None:
+                break
+            servers[redundant].kill()
+            servers[redundant].wait()
+            stopped.append(redundant)
+            _wait(lambda: all(s["state"] == "gone" for s in link.call("status")["servers"]
+                              if s["address"] in stopped), 10)
+            victim = _repairable_victim(link.call("status"))
+        out["replacement"] = {"victim": victim, "stopped_first": stopped}
         if victim is not None:
             began = time.perf_counter()
             servers[victim].kill()
@@ -276,6 +288,20 @@ def _repairable_victim(status: dict) -> str | None:
                           len(status["coverage"]))
     losses = live.repairable_losses(placement)
     return serving[losses[0]]["address"] if losses else None
+
+
+def _redundant_server(status: dict) -> str | None:
+    """A serving server whose loss uncovers no block."""
+    from blockswarm.core.specs import Placement, Span
+    from blockswarm.planner import live
+
+    serving = [s for s in status["servers"] if s["state"] == "serving"]
+    for i, candidate in enumerate(serving):
+        rest = [s for j, s in enumerate(serving) if j != i]
+        spans = tuple(Span(k, s["start"], s["end"], s["slots"]) for k, s in enumerate(rest))
+        if not live.missing_blocks(Placement(spans, len(status["coverage"]))):
+            return candidate["address"]
+    return None
 
 
 def _wait(condition, timeout_s: float) -> bool:
