@@ -364,7 +364,7 @@ class Server:
                 self.table.close(previous, peer)
         session = self.table.open(start, max_length, peer, self.span.new_cache)
         if terms is not None:
-            if len(self.tickets._sessions) > 4 * self.config.max_sessions:
+            if len(self.tickets) > 4 * self.config.max_sessions:
                 self.tickets.forget_closed(self.table.sessions)
             self.tickets.record(terms.reservation, session.token)
         return ok(rid, session=session.token, reserved=session.max_length, data_port=self.data_port)

@@ -66,6 +66,9 @@ class TicketBook:
     def __init__(self):
         self._sessions: dict[str, str] = {}  # reservation -> session token
 
+    def __len__(self) -> int:
+        return len(self._sessions)
+
     def previous(self, reservation: str) -> str | None:
         return self._sessions.get(reservation)
 
