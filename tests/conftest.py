@@ -84,6 +84,26 @@ def wait_until_serving(address: str, timeout_s: float = 30.0) -> None:
         context.destroy(linger=0)
 
 
+def run_concurrently(jobs, join_s: float = 120.0):
+    """Run each job (a callable) in its own thread; returns (results in job order, exceptions)."""
+    import threading
+
+    results, errors = [None] * len(jobs), []
+
+    def run(i):
+        try:
+            results[i] = jobs[i]()
+        except Exception as exc:  # the caller asserts there are none
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(join_s)
+    return results, errors
+
+
 def reference_model(directory):
     """The whole model as transformers loads it, with weights copied into fresh memory.
 

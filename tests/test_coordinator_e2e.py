@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -25,6 +24,7 @@ from blockswarm.runtime.client import DistributedModel
 from blockswarm.runtime.coordinator.link import CoordinatorLink
 from blockswarm.runtime.launcher import coordinator_command, member_command, start, stop_all, wait_ready
 
+from conftest import run_concurrently
 from test_runtime_e2e import reference_greedy
 
 pytestmark = pytest.mark.slow
@@ -133,26 +133,14 @@ def test_route_equals_the_planners_decision_on_live_state(swarm):
 def test_twenty_concurrent_generations_from_four_clients_spread_over_replicas(swarm):
     models = [DistributedModel.from_coordinator(swarm.address, model=str(swarm.directory)) for _ in range(4)]
     prompts = [[(11 * i + j) % 128 for j in range(3 + i % 5)] for i in range(20)]
-    results: dict[int, object] = {}
-    errors = []
-
-    def run(i):
-        try:
-            results[i] = models[i % 4].generate(prompts[i], max_new_tokens=10)
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    results, errors = run_concurrently(
+        [lambda i=i: models[i % 4].generate(prompts[i], max_new_tokens=10) for i in range(20)])
     for model in models:
         model.close()
     assert not errors, errors
     for i, prompt in enumerate(prompts):
         assert results[i].token_ids == reference_greedy(swarm.directory, prompt, 10), i
-    chains = {tuple((h.address, h.start, h.end) for h in results[i].chain) for i in results}
+    chains = {tuple((h.address, h.start, h.end) for h in result.chain) for result in results}
     assert len(chains) >= 2, "every session took the same chain"
     assert wait_until(lambda: not status(swarm)["routes"], 5, "every reservation to be released")
 

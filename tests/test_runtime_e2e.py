@@ -20,7 +20,7 @@ from blockswarm.runtime.client import DistributedModel
 from blockswarm.runtime.connection import Connection
 from blockswarm.runtime.launcher import local_swarm, server_processes
 
-from conftest import reference_model
+from conftest import reference_model, run_concurrently
 
 pytestmark = pytest.mark.slow
 SPANS = [(0, 2), (2, 4), (4, 6)]
@@ -59,19 +59,8 @@ def test_eight_concurrent_sessions_all_correct(swarm):
     model = DistributedModel.from_servers(addresses, model=str(directory))
     prompts = [[(7 * i + j) % 128 for j in range(3 + i)] for i in range(8)]
     expected = [reference_greedy(directory, p, 12) for p in prompts]
-    results, errors = [None] * 8, []
-
-    def run(i):
-        try:
-            results[i] = model.generate(prompts[i], max_new_tokens=12, stop_at_eos=True).token_ids
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results, errors = run_concurrently(
+        [lambda i=i: model.generate(prompts[i], max_new_tokens=12, stop_at_eos=True).token_ids for i in range(8)])
     assert not errors
     assert results == expected
 

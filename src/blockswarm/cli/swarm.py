@@ -75,7 +75,7 @@ def serve(
              "a private server joining a coordinator needs --known-servers FILE with the coordinator's public key "
              "(a line `HOST:PORT PATH/TO/coordinator.key`)")
     if coordinator is not None:
-        from blockswarm.runtime.coordinator.link import parse_address
+        from blockswarm.runtime.messages import parse_address
 
         try:
             parse_address(coordinator)

@@ -26,22 +26,14 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadPeer, BadRequest, BlockswarmError, PeerGone, Refused, Timeout
+from blockswarm.runtime.messages import REFUSED_EVENTS, parse_address
 from blockswarm.runtime.protocol import (
     HEARTBEAT_MISSES, HEARTBEAT_S, MAX_HEADER_BYTES, ServerInfo, decode, encode, keep_alive, raise_if_error,
 )
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise BadRequest(f"server address {address!r} must look like host:port, e.g. 127.0.0.1:5555")
-    return host, int(port)
-
-
 # what tells a waiting client that its server is gone: the connection dropped (closed by the
 # peer, or heartbeats unanswered), or reconnecting to it failed; and that it refused us
-REFUSED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | REFUSED_EVENTS
 
 

@@ -27,6 +27,18 @@ HEARTBEAT_S = 2.0  # liveness: ZMTP pings this often on every socket...
 HEARTBEAT_MISSES = 3  # ...and a peer that leaves this many unanswered is gone
 
 
+# a peer that refused us at the handshake (a private swarm without our key, or keys missing)
+REFUSED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise BadRequest(f"address {address!r} must look like host:port, e.g. 127.0.0.1:5555")
+    return host, int(port)
+
+
 def model_name(model: str) -> str:
     """The name a swarm knows a model by: `smollm2`, or a local model's folder name."""
     return os.path.basename(os.path.normpath(model)) if os.sep in model else model

@@ -14,18 +14,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadPeer, BadRequest, Refused, Timeout
-from blockswarm.runtime.messages import MAX_HEADER_BYTES, decode_header, encode_header, keep_alive, raise_if_error
+from blockswarm.runtime.messages import (
+    MAX_HEADER_BYTES, REFUSED_EVENTS, decode_header, encode_header, keep_alive, parse_address, raise_if_error,
+)
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise BadRequest(f"address {address!r} must look like host:port, e.g. 127.0.0.1:5555")
-    return host, int(port)
-
-
-REFUSED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 MAX_REPLY_BYTES = 256 * MAX_HEADER_BYTES  # 16 MiB: `status` of a swarm of thousands of servers
 
 

@@ -14,7 +14,12 @@ from blockswarm.runtime.coordinator.records import (
 
 
 class Placing:
-    _said_gap: str | None = None  # the last coverage gap logged
+    def _say_once(self, topic: str, line: str) -> None:
+        """Log `line` unless it is what was last said on `topic` (ticks repeat every 0.2 s)."""
+        if self._said.get(topic) != line:
+            self._said[topic] = line
+            self.log.append(line)
+
     def place(self) -> None:
         """Place servers waiting for a span, once no server joined for SETTLE_S; restore coverage."""
         members = self.members()
@@ -25,14 +30,12 @@ class Placing:
         if waiting and any(r.restored for r in members):
             # the servers on record may be back in a moment, or gone: newcomers are placed beside
             # the swarm as it really is, once every one of them reported or missed the grace period
-            if not self._cache.get("said_restored"):
-                self.log.append(f"{len(waiting)} server(s) wait to be placed until the servers on record "
-                                "report back or miss the grace period")
-                self._cache["said_restored"] = True
+            self._say_once("restored", f"{len(waiting)} server(s) wait to be placed until the servers on record "
+                                       "report back or miss the grace period")
             return
         if waiting and settled:
             scenario = self.scenario()
-            index = {r.id: i for i, r in enumerate(members)}
+            index = self.position()
             placed = [r for r in members if r.start is not None]
             if not placed:
                 self._place_all(scenario, members)
@@ -96,7 +99,7 @@ class Placing:
         busy = self._busy_servers()
         scenario = self.scenario()
         members = self.members()
-        position = {r.id: i for i, r in enumerate(members)}
+        position = self.position()
         for server_id, span in list(self._targets.items()):
             record = self.servers[server_id]
             if record.state != "serving" or record.sessions or server_id in busy:
@@ -116,9 +119,7 @@ class Placing:
             R = self.current_R(scenario)
             placement = PLACEMENTS[self.placement_name](scenario, R, 0)
         except Infeasible as exc:
-            if self._cache.get("said") != str(exc):
-                self.log.append(f"cannot place the swarm yet: {exc}")
-            self._cache["said"] = str(exc)
+            self._say_once("placement", f"cannot place the swarm yet: {exc}")
             return
         self.R_placed = R
         self._save_meta()
@@ -137,7 +138,7 @@ class Placing:
         placement = self._placement(holders, scenario)
         if not live.missing_blocks(placement):
             return
-        index = {r.id: i for i, r in enumerate(members)}
+        index = self.position()
         busy = self._busy_servers()
         idle = [index[r.id] for r in holders if r.state == "serving" and r.sessions == 0 and r.id not in busy]
         moves = live.repair(self.placement_name, scenario, placement, idle, self.R_placed or 1)
@@ -148,10 +149,9 @@ class Placing:
             self._assign(record, span, scenario)
         if moves:
             self._changed()
-        elif self._said_gap != self.missing():
-            self._said_gap = self.missing()  # said once per gap, not every tick
-            self.log.append(f"the swarm does not cover the model: {self._said_gap}; no idle server can take "
-                            "those blocks without uncovering its own. Start a server, or wait for sessions to end.")
+        else:
+            self._say_once("gap", f"the swarm does not cover the model: {self.missing()}; no idle server can take "
+                                  "those blocks without uncovering its own. Start a server, or wait for sessions to end.")
 
     def _busy_servers(self) -> set[str]:
         return {hop[0] for r in self.reservations.values() for hop in r.hops}

@@ -31,7 +31,7 @@ from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError
 from blockswarm.perf.model import default_request, route_time
 from blockswarm.planner.registry import decide
 from blockswarm.runtime.coordinator.store import Store, default_state_path
-from blockswarm.runtime.coordinator.swarm import DEFAULT_RTT_S, HEARTBEAT_S, STATES, Swarm, SwarmConfig
+from blockswarm.runtime.coordinator.swarm import DEFAULT_RTT_S, HEARTBEAT_S, Swarm, SwarmConfig
 from blockswarm.runtime.endpoints import MAX_FRAMES, bind_router, receive
 from blockswarm.runtime.guard import PortLimits
 from blockswarm.runtime.messages import (
@@ -182,10 +182,9 @@ class Coordinator:
                       "sessions": integer(header, "sessions"),
                       "start": header.get("start") if isinstance(header.get("start"), int) else None,
                       "end": header.get("end") if isinstance(header.get("end"), int) else None}
-            server = text(header, "server", 64)
-            if server not in swarm.servers or swarm.servers[server].state == "gone":
+            record = swarm.heartbeat(text(header, "server", 64), report)
+            if record is None:
                 return ok(rid, known=False), None
-            record = swarm.heartbeat(server, report)
             return ok(rid, known=True, assign=swarm.assignment(record)), None
         if op == "register":
             info = self._registration(header)
@@ -237,7 +236,6 @@ def status_json(coordinator: Coordinator, with_scenario: bool = False) -> dict:
     swarm = coordinator.swarm
     servers = []
     for record in sorted(swarm.servers.values(), key=lambda r: r.sequence):
-        assert record.state in STATES
         servers.append({"address": record.address, "start": record.start, "end": record.end, "state": record.state,
                         "device": record.device, "memory_bytes": record.memory_bytes,
                         "block_decode_s": record.block_decode_s,

@@ -14,7 +14,6 @@ Times are wall-clock seconds (`time.time()`), so they survive a restart in the s
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from collections import deque
@@ -22,13 +21,13 @@ from dataclasses import asdict, dataclass, field
 
 from blockswarm.core.errors import BadRequest, CacheFull, ConfigError, Infeasible, TooLarge
 from blockswarm.core.specs import (
-    ClientSpec, ModelSpec, NetworkSpec, Placement, Request, Scenario, ServerSpec, Span, WorkloadSpec,
+    Placement, Request, Scenario, Span,
 )
 from blockswarm.perf.model import route_time
 from blockswarm.planner import live
 from blockswarm.planner.registry import decide, parse_policy
-from blockswarm.planner.routing import block_index
-from blockswarm.planner.view import ActiveBySession, SwarmView
+from blockswarm.planner.view import SwarmView
+from blockswarm.runtime.coordinator.liveview import LiveView
 from blockswarm.runtime.coordinator.placing import Placing
 from blockswarm.runtime.coordinator.records import (  # noqa: F401  (re-exported for the service and tests)
     DEFAULT_RTT_S, GONE_KEPT_S, GRACE_S, HEARTBEAT_S, MISSES, SETTLE_S, STATES, TICKET_S, TYPICAL_TOKENS,
@@ -36,13 +35,14 @@ from blockswarm.runtime.coordinator.records import (  # noqa: F401  (re-exported
 )
 from blockswarm.runtime.coordinator.store import Store
 
-ENDED_KEPT = 1000
-SUSPECT_S = 1.5 * HEARTBEAT_S  # silent this long, and reported lost by a client: gone
 from blockswarm.runtime.tickets import Ticket, new_secret
+
+ENDED_KEPT = 1000  # reservations whose end is remembered, to say why an unknown one ended
+SUSPECT_S = 1.5 * HEARTBEAT_S  # silent this long, and reported lost by a client: gone
 
 
 @dataclass
-class Swarm(Placing):
+class Swarm(LiveView, Placing):
     config: SwarmConfig
     store: Store | None = None
     clock: object = time.time
@@ -62,6 +62,7 @@ class Swarm(Placing):
         self._cache: dict = {}  # scenario, indices, placement, view parts; cleared on any change
         self._cache_R: dict = {}  # when R was last checked and last acted on
         self._targets: dict[str, Span] = {}  # moves of a re-placement still to make
+        self._said: dict[str, str] = {}  # topic -> the line last logged on it (placing.py's _say_once)
         if self.store is not None:
             self._restore()
 
@@ -133,10 +134,11 @@ class Swarm(Placing):
                         f"{record.block_decode_s * 1e3:.3f} ms/block/token")
         return record
 
-    def heartbeat(self, server_id: str, report: dict) -> ServerRecord:
+    def heartbeat(self, server_id: str, report: dict) -> ServerRecord | None:
+        """A server's report; None if the coordinator does not know it (it must register again)."""
         record = self.servers.get(server_id)
         if record is None or record.state == "gone":
-            raise BadRequest("unknown server: register again")
+            return None
         record.last_seen = self.clock()
         record.restored = False
         record.free_cache_tokens, record.sessions = report["free_cache_tokens"], report["sessions"]
@@ -213,130 +215,6 @@ class Swarm(Placing):
         for reservation in [r for r in self.reservations.values() if r.lease_until < now]:
             self.release(reservation.id, "its lease ran out (the client stopped asking)")
 
-    # -- placement ----------------------------------------------------------------------------
-    def members(self) -> list[ServerRecord]:
-        """Servers that are not gone, in join order: the scenario's servers, index for index."""
-        if "members" not in self._cache:
-            self._cache["members"] = sorted((r for r in self.servers.values() if r.state != "gone"),
-                                            key=lambda r: r.sequence)
-        return self._cache["members"]
-
-    # -- the planner's view of the live swarm -------------------------------------------------
-    def scenario(self) -> Scenario:
-        if "scenario" not in self._cache:
-            self._cache["scenario"] = self._build_scenario(self.members())
-        return self._cache["scenario"]
-
-    def _scenario_with(self, extra: ServerRecord) -> Scenario:
-        return self._build_scenario([*self.members(), extra])
-
-    def _build_scenario(self, members: list[ServerRecord]) -> Scenario:
-        shape, config = self.shape, self.config
-        model = ModelSpec(shape["model"], shape["num_blocks"], shape["hidden_size"], shape["d_kv"],
-                          shape["params_per_block"], weight_bytes_per_param=float(shape["itemsize"]),
-                          kv_bytes=shape["itemsize"])
-        servers = tuple(ServerSpec(r.address, r.id, float(r.memory_bytes), r.block_decode_s,
-                                   r.block_prefill_s_per_token, r.block_prefill_base_s, r.device) for r in members)
-        clients = tuple(ClientSpec(name, name) for name in self.client_order()) or (ClientSpec("any", "any"),)
-        network = NetworkSpec(MeasuredRtts(self.rtts), {}, decode_overhead_s=config.hop_overhead_s,
-                              prefill_overhead_s=config.hop_overhead_s, prefill_s_per_token=0.0, setup_s=0.0)
-        half = config.session_tokens // 2
-        workload = WorkloadSpec(rate=self.arrival_rate(), num_requests=1, prompt_tokens=min(TYPICAL_TOKENS, half),
-                                output_tokens=min(TYPICAL_TOKENS, config.session_tokens - half),
-                                max_prompt_tokens=half, max_output_tokens=config.session_tokens - half)
-        return Scenario("live", model, servers, clients, network, workload)
-
-    def client_order(self) -> list[str]:
-        """Clients in the order they first asked (indices stay valid as clients arrive)."""
-        return list(self.clients)
-
-    def _placement(self, records: list[ServerRecord], scenario: Scenario) -> Placement:
-        index = {r.id: i for i, r in enumerate(self.members())}
-        spans = tuple(Span(index[r.id], r.start, r.end, r.slots) for r in records)
-        return Placement(tuple(sorted(spans, key=lambda s: s.server)), scenario.model.num_blocks)
-
-    def serving(self) -> Placement:
-        """The spans routes may use: servers serving the span they were given."""
-        if "serving" not in self._cache:
-            scenario = self.scenario()
-            placement = self._placement([r for r in self.members() if r.state == "serving" and r.loaded], scenario)
-            self._cache["serving"] = placement
-            self._cache["index"] = block_index(placement)
-            self._cache["memo"] = {}
-            self._rebuild_load()
-        return self._cache["serving"]
-
-    def position(self) -> dict[str, int]:
-        """Server id -> its index in the scenario."""
-        if "position" not in self._cache:
-            self._cache["position"] = {r.id: i for i, r in enumerate(self.members())}
-        return self._cache["position"]
-
-    def _rebuild_load(self) -> None:
-        self._cache["used"], self._cache["active"] = {}, {}
-        for reservation in self.reservations.values():
-            self._add_load(reservation, reservation.hops)
-
-    def _add_load(self, reservation: Reservation, hops: list[list]) -> None:
-        position, used, active = self.position(), self._cache["used"], self._cache["active"]
-        for server, start, end in hops:
-            i = position.get(server)
-            if i is not None:
-                used[i] = used.get(i, 0) + end - start
-                active.setdefault(i, {})[reservation.id] = (reservation.expected_end, end - start)
-
-    def _remove_load(self, reservation: Reservation, hops: list[list]) -> None:
-        if "used" not in self._cache:
-            return  # rebuilt from the reservations when next needed
-        position, used, active = self.position(), self._cache["used"], self._cache["active"]
-        for server, start, end in hops:
-            i = position.get(server)
-            if i is not None and active.get(i, {}).pop(reservation.id, None) is not None:
-                used[i] -= end - start
-
-    def view(self) -> SwarmView:
-        placement = self.serving()
-        return SwarmView(self.scenario(), placement, self.clock(), ActiveBySession(self._cache["active"]),
-                         self._cache["index"], self._cache["used"], self._cache["memo"])
-
-    def coverage(self) -> list[int]:
-        if self.shape is None:
-            return []
-        if "coverage" not in self._cache:
-            per_block = [0] * self.shape["num_blocks"]
-            for span in self.serving().spans:
-                for block in range(span.start, span.end):
-                    per_block[block] += 1
-            self._cache["coverage"] = per_block
-        return self._cache["coverage"]
-
-    def missing(self) -> str | None:
-        """Which blocks no serving server holds, as text; None when the model is covered."""
-        if self.shape is None:
-            return "no server has joined yet"
-        if "missing" not in self._cache:
-            self._cache["missing"] = missing_blocks_text(self.coverage())
-        return self._cache["missing"]
-
-    # -- routes -------------------------------------------------------------------------------
-    def client_position(self, client: str) -> int:
-        """The client's index in the scenario. A new client joins the scenario's clients at the end:
-        the others keep their indices, so routes remembered for them stay valid."""
-        known = client in self.clients
-        self.clients[client] = self.clock()
-        if not known:
-            if "scenario" in self._cache:
-                scenario = self._cache["scenario"]
-                if scenario.clients and scenario.clients[0].name == "any" and len(self.clients) == 1:
-                    self._changed()  # the placeholder client goes: nothing remembered is valid
-                else:
-                    self._cache["scenario"] = dataclasses.replace(
-                        scenario, clients=(*scenario.clients, ClientSpec(client, client)))
-            self._cache.pop("client_order", None)
-        if "client_order" not in self._cache:
-            self._cache["client_order"] = {c: i for i, c in enumerate(self.clients)}
-        return self._cache["client_order"][client]
-
     def route(self, client: str, prompt_tokens: int, max_new_tokens: int, avoid: tuple[str, ...] = (),
               reservation_id: str | None = None, start: int = 0) -> tuple[Reservation, float]:
         """Choose and reserve a route (or, with `reservation_id` and `start`, the tail of one from
@@ -383,8 +261,7 @@ class Swarm(Placing):
                                       decision.start_s + timing.completion_s, 0.0)
             self.reservations[reservation.id] = reservation
         reservation.lease_until = max(reservation.lease_until, now + 2 * (reservation.expected_end - now) + 60.0)
-        self.serving()
-        self._add_load(reservation, hops)
+        self._add_load(reservation, hops)  # (the view above built the load it adds to)
         self._save_reservation(reservation)
         return reservation, decision.start_s
 
@@ -400,10 +277,9 @@ class Swarm(Placing):
         return SwarmView(view.scenario, placement, view.now, view.active, None, view.used, None)
 
     def _drop_hops(self, reservation: Reservation, start: int) -> None:
-        self._remove_load(reservation, reservation.hops)
+        """Forget the hops from block `start` on (a tail being replaced); the head keeps its slots."""
+        self._remove_load(reservation, [hop for hop in reservation.hops if hop[1] >= start])
         reservation.hops = [hop for hop in reservation.hops if hop[1] < start]
-        if "used" in self._cache:
-            self._add_load(reservation, reservation.hops)
 
     def release(self, reservation_id: str, why: str = "its client released it") -> bool:
         reservation = self.reservations.pop(reservation_id, None)
@@ -418,7 +294,7 @@ class Swarm(Placing):
         return True
 
     def tickets(self, reservation: Reservation) -> list[dict]:
-        """Each hop's address, data port, key and ticket, for the route reply."""
+        """Each hop's address, span, key and ticket, for the route reply."""
         expires = self.clock() + TICKET_S
         hops = []
         for server, start, end in reservation.hops:
