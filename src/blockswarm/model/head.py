@@ -89,14 +89,31 @@ class ClientHead:
 
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:
         """Prompt -> token ids, through the chat template for instruct models when asked."""
-        tokenizer = self.tokenizer
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            encoded = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded  # a BatchEncoding or a list
-            return list(ids)
-        return tokenizer(prompt)["input_ids"]
+        if chat_template and self.has_chat_template:
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer(prompt)["input_ids"]
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation ({"role", "content"} dicts) -> token ids, through the model's chat template,
+        ending where the assistant's answer begins."""
+        if not self.has_chat_template:
+            raise ConfigError(f"{self.path.name} has no chat template; send a plain prompt instead")
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded  # a BatchEncoding or a list
+        return list(ids)
+
+    @property
+    def context_length(self) -> int:
+        """The most positions the model was built for (prompt and output together)."""
+        for name in ("max_position_embeddings", "n_positions", "seq_length"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048  # (BLOOM's ALiBi has no fixed limit; 2048 is what it was trained on)
 
     def stop_token_ids(self) -> set[int]:
         eos = self.config.eos_token_id

@@ -13,12 +13,13 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import zmq
 
 from blockswarm.core.errors import BadPeer, BadRequest, Infeasible, PeerGone, Refused
+from blockswarm.model.detokenize import IncrementalDecoder
 from blockswarm.model.sampling import SamplingParams, next_token
 from blockswarm.runtime.chain import Hop, choose_chain
 from blockswarm.runtime.connection import client_context, fetch_info
@@ -45,6 +46,17 @@ class GenerationResult:
     @property
     def median_token_s(self) -> float:
         return statistics.median(self.token_latencies_s) if self.token_latencies_s else float("nan")
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """One new token: its id, the text it completes ('' while a character is incomplete), whether
+    it ends the generation (an end-of-sequence token), and the session it came through."""
+
+    token: int
+    text: str
+    last: bool
+    session: InferenceSession
 
 
 class DistributedModel:
@@ -116,13 +128,33 @@ class DistributedModel:
         self.close()
 
     def _check_servers(self) -> None:
-        dtype = DTYPE_NAMES[self.head.dtype]
         for address, info in self.infos.items():
-            if info.model != self.head.fingerprint or info.num_blocks != self.head.num_blocks:
-                raise BadRequest(f"{address} serves another model ({info.model}, {info.num_blocks} blocks) "
-                                 f"than the client loaded ({self.head.fingerprint}, {self.head.num_blocks} blocks)")
-            if info.dtype != dtype:
-                raise BadRequest(f"{address} runs {info.dtype}; the client runs {dtype}")
+            self._check_server(address, info)
+
+    def _check_server(self, address: str, info: ServerInfo) -> None:
+        dtype = DTYPE_NAMES[self.head.dtype]
+        if info.model != self.head.fingerprint or info.num_blocks != self.head.num_blocks:
+            raise BadRequest(f"{address} serves another model ({info.model}, {info.num_blocks} blocks) "
+                             f"than the client loaded ({self.head.fingerprint}, {self.head.num_blocks} blocks)")
+        if info.dtype != dtype:
+            raise BadRequest(f"{address} runs {info.dtype}; the client runs {dtype}")
+
+    def readmit(self, address: str, info: ServerInfo) -> bool:
+        """Take back a server that answers again after it was dropped (it restarted, or it was only
+        slow), so a long-lived client such as the API recovers; True if the chain for new sessions
+        changed. A server of another model is refused with BadRequest."""
+        self._check_server(address, info)
+        with self._lock:
+            known = self.infos.get(address)
+            if known is not None and (known.start, known.end) == (info.start, info.end):
+                return False
+            self.infos[address] = info
+            try:
+                chain = choose_chain(self.infos, self.head.num_blocks)
+            except Infeasible:
+                return False  # still a gap: new sessions will say what is missing
+            changed, self.chain = chain != self.chain, chain
+            return changed
 
     @classmethod
     def from_coordinator(cls, address: str, model: str = "smollm2", timeout_s: float = 60.0,
@@ -154,10 +186,10 @@ class DistributedModel:
             usable = {address: info for address, info in self.infos.items() if address not in avoid}
             return choose_chain(usable, self.head.num_blocks, start=start)
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
-                 chat_template: bool = True, stop_at_eos: bool = True,
-                 on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
-        """Generate up to max_new_tokens; on_token(token_id, text_so_far_delta) streams as tokens arrive."""
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
+               chat_template: bool = True, stop_at_eos: bool = True) -> Iterator[Streamed]:
+        """New tokens one by one as they are generated, each with the text it completes. Closing the
+        iterator early (or breaking out of a loop over it) closes the sessions at once."""
         ids = self.head.encode(prompt, chat_template) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise BadRequest("the prompt is empty")
@@ -165,31 +197,36 @@ class DistributedModel:
             raise BadRequest("max_new_tokens must be at least 1")
         generator = sampling.generator()
         stops = self.head.stop_token_ids() if stop_at_eos else set()
-        new, latencies, text = [], [], ""
-        begin = time.perf_counter()
+        decoder = IncrementalDecoder(self.head.tokenizer if self.head.has_tokenizer else None)
         with self.session(len(ids) + max_new_tokens, prompt_tokens=len(ids)) as session:
             inputs = torch.tensor([ids])
-            ttft = 0.0
-            for index in range(max_new_tokens):
-                started = time.perf_counter()
+            for _ in range(max_new_tokens):
                 hidden = session.step(self.head.embed_tokens(inputs, session.position))
                 token = next_token(self.head.logits(hidden[:, -1:])[0, -1], sampling, generator)
-                if index == 0:
-                    ttft = time.perf_counter() - begin
-                else:
-                    latencies.append(time.perf_counter() - started)
-                new.append(token)
-                if on_token is not None:
-                    full = self._decode(new)
-                    on_token(token, full[len(text):])
-                    text = full
+                yield Streamed(token, decoder.add(token), token in stops, session)
                 if token in stops:
-                    break
+                    return
                 inputs = torch.tensor([[token]])
-            chain, hops = list(session.chain), list(session.timings)
-            repairs, reopens = list(session.repairs), list(session.reopens)
-        final = text if on_token is not None else self._decode(new)  # streaming already decoded it
-        return GenerationResult(new, final, chain, ttft, latencies, hops, repairs, reopens)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
+                 chat_template: bool = True, stop_at_eos: bool = True,
+                 on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
+        """Generate up to max_new_tokens; on_token(token_id, text_delta) streams as tokens arrive."""
+        new, latencies, ttft, session = [], [], 0.0, None
+        begin = last = time.perf_counter()
+        for streamed in self.stream(prompt, max_new_tokens, sampling, chat_template, stop_at_eos):
+            now = time.perf_counter()
+            if new:
+                latencies.append(now - last)
+            else:
+                ttft = now - begin
+            new.append(streamed.token)
+            session = streamed.session
+            if on_token is not None:
+                on_token(streamed.token, streamed.text)
+            last = time.perf_counter()  # (the callback's own time is not the swarm's)
+        return GenerationResult(new, self._decode(new), list(session.chain), ttft, latencies, list(session.timings),
+                                list(session.repairs), list(session.reopens))
 
     def _decode(self, ids: list[int]) -> str:
         if not self.head.has_tokenizer:  # token ids in, token ids out

@@ -69,6 +69,7 @@ class ServerInfo:
     block_prefill_s_per_token: float  # slope of prefill time per block (affine in prompt length)
     block_prefill_base_s: float  # intercept of prefill time per block
     data_port: int  # where steps go (same host); the control port takes info/open/close
+    device: str = "unknown"  # e.g. cpu or cuda:0 (optional on the wire: shown, never relied on)
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -77,7 +78,7 @@ class ServerInfo:
     def from_wire(cls, header: dict) -> "ServerInfo":
         """Check every field a peer reported: a server is not trusted to describe itself sanely."""
         names = {f.name for f in fields(cls)}
-        missing = names - header.keys()
+        missing = names - header.keys() - {"device"}
         if missing:
             raise BadRequest(f"info reply lacks {sorted(missing)}; is the server a blockswarm server?")
         version = integer(header, "version", 0)
@@ -95,6 +96,7 @@ class ServerInfo:
             block_prefill_s_per_token=duration(header, "block_prefill_s_per_token"),
             block_prefill_base_s=duration(header, "block_prefill_base_s"),
             data_port=integer(header, "data_port", 1, 65535),
+            device=text(header, "device") if "device" in header else "unknown",
         )
         if values["dtype"] not in DTYPE_ITEMSIZE:
             raise BadRequest(f"info: dtype must be one of {sorted(DTYPE_ITEMSIZE)}, got {values['dtype']!r:.40}")

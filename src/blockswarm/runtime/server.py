@@ -93,7 +93,7 @@ class Server:
             block_decode_s=self.profile.block_decode_s,
             block_prefill_s_per_token=self.profile.block_prefill_s_per_token,
             block_prefill_base_s=self.profile.block_prefill_base_s,
-            data_port=self.data_port or 0,
+            data_port=self.data_port or 0, device=str(self.span.device),
         )
 
     def stop(self) -> None:

@@ -1,0 +1,197 @@
+"""Generations for the API: each in a worker thread, its tokens handed to the event loop, admitted
+through a bounded queue.
+
+The event loop never computes: tokenizing, sampling and the swarm's round trips run in a pool of
+threads (torch and ZeroMQ release the GIL), and each new piece of text is handed back with
+`call_soon_threadsafe`. A request takes one slot per choice; when all `slots` are busy it waits in
+a queue of at most `queue` requests, beyond which it is refused (429). A swarm that answers
+`cache_full` is retried with back-off for up to `full_wait_s` before the first token, and only
+then becomes a 429. Closing a generation (the client went away) stops its thread at the next token,
+which closes the sessions on every server of its route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from blockswarm.api.errors import APIError, from_swarm
+from blockswarm.api.stops import StopMatcher
+from blockswarm.core.errors import BlockswarmError, CacheFull
+from blockswarm.model.sampling import SamplingParams
+
+log = logging.getLogger("blockswarm.api")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one choice generates: its prompt's token ids, and how."""
+
+    index: int
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stops: list[str]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A choice's news: `text` to send, or its end (`finish` is "stop" or "length", with `tokens`
+    generated), or the error it failed with."""
+
+    index: int
+    text: str = ""
+    finish: str | None = None
+    tokens: int = 0
+    error: APIError | None = None
+
+
+def derived_seed(seed: int | None, index: int) -> int | None:
+    """Choice 0 uses the request's seed itself (so n=1 and the first of n agree); choice i another
+    seed drawn from (seed, i), so choices are independent yet reproducible."""
+    if seed is None or index == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2**64, index]).generate_state(2, np.uint64)[0] % 2**63)
+
+
+class Engine:
+    def __init__(self, model, name: str, slots: int = 16, queue: int = 64, full_wait_s: float = 30.0,
+                 missing=lambda: None):
+        """`model`: a `DistributedModel`; `name`: the model's id in the API; `missing`: a callable
+        saying which blocks the swarm lacks (for 503s)."""
+        self.model, self.name = model, name
+        self.slots, self.queue, self.full_wait_s = slots, queue, full_wait_s
+        self.missing = missing
+        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="generation")
+        self._free: asyncio.Semaphore | None = None
+        self._admitting: asyncio.Lock | None = None
+        self.waiting = 0  # requests queued for slots
+        self.running = 0  # slots taken
+        self.flights: dict[str, object] = {}  # choice id -> its InferenceSession, for the page's routes
+        self._ids = itertools.count()
+
+    @property
+    def context_length(self) -> int:
+        return self.model.head.context_length
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.model.head.encode_chat, messages)
+
+    async def encode_text(self, text: str) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.model.head.encode, text, False)
+
+    async def run(self, choices: list[Choice], cancelled: threading.Event) -> AsyncIterator[Event]:
+        """Events of all `choices` as they come; ends when every choice has ended or failed. Setting
+        `cancelled` (the client went away) stops every choice at its next token."""
+        if len(choices) > self.slots:
+            raise APIError(400, f"{len(choices)} choices at once is more than this API runs together "
+                                f"({self.slots}); ask for fewer", param="n")
+        await self._admit(len(choices))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        for choice in choices:
+            loop.run_in_executor(self.pool, self._generate, choice, loop, events, cancelled)
+        try:
+            running = len(choices)
+            while running:
+                event = await events.get()
+                running -= event.finish is not None or event.error is not None
+                yield event
+        finally:
+            cancelled.set()  # (the threads give their slots back as they end, within one token)
+
+    async def _admit(self, needed: int) -> None:
+        if self._free is None:  # made here: they belong to the event loop that serves
+            self._free, self._admitting = asyncio.Semaphore(self.slots), asyncio.Lock()
+        if self.waiting >= self.queue and (self._admitting.locked() or self.slots - self.running < needed):
+            raise APIError(429, f"the API is at capacity ({self.slots} generations running, {self.waiting} "
+                                "waiting); retry shortly", "rate_limit_error", code="queue_full", retry_after_s=1)
+        self.waiting += 1
+        taken = 0
+        try:
+            async with self._admitting:  # one request takes its slots at a time: no two half-admitted
+                for _ in range(needed):
+                    await self._free.acquire()
+                    taken += 1
+                    self.running += 1
+        except BaseException:
+            for _ in range(taken):
+                self._release()
+            raise
+        finally:
+            self.waiting -= 1
+
+    def _release(self) -> None:
+        """(On the event loop.) A slot is free again."""
+        self.running -= 1
+        self._free.release()
+
+    def _generate(self, choice: Choice, loop, events: asyncio.Queue, cancelled: threading.Event) -> None:
+        """In a worker thread: one choice from its first token to its end."""
+        flight = f"{next(self._ids)}-{secrets.token_hex(3)}"
+
+        def send(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                cancelled.set()
+
+        try:
+            send(self._tokens(choice, cancelled, send, flight))
+        except APIError as exc:
+            send(Event(choice.index, error=exc))
+        except BlockswarmError as exc:
+            send(Event(choice.index, error=from_swarm(exc, self.missing())))
+        except Exception as exc:  # a bug: the request fails, the API goes on
+            log.exception("generation failed")
+            send(Event(choice.index, error=APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                    "server_error", code="internal_error")))
+        finally:
+            self.flights.pop(flight, None)
+            try:
+                loop.call_soon_threadsafe(self._release)
+            except RuntimeError:
+                pass
+
+    def _tokens(self, choice: Choice, cancelled: threading.Event, send, flight: str) -> Event:
+        """Stream one choice's text through `send`; its closing event. A full swarm is waited out
+        (before the first token) for up to `full_wait_s`."""
+        deadline, pause = time.monotonic() + self.full_wait_s, 0.1
+        while True:
+            stops, count = StopMatcher(choice.stops), 0
+            stream = self.model.stream(choice.prompt, choice.max_tokens, choice.sampling, stop_at_eos=True)
+            try:
+                for streamed in stream:
+                    self.flights[flight] = streamed.session
+                    count += 1
+                    text, stopped = stops.feed(streamed.text)
+                    if text:
+                        send(Event(choice.index, text=text))
+                    if stopped or streamed.last:
+                        return Event(choice.index, finish="stop", tokens=count)
+                    if cancelled.is_set():
+                        return Event(choice.index, finish="cancelled", tokens=count)
+                rest = stops.flush()
+                if rest:
+                    send(Event(choice.index, text=rest))
+                return Event(choice.index, finish="length", tokens=count)
+            except CacheFull:
+                if count or time.monotonic() + pause > deadline or cancelled.is_set():
+                    raise
+                cancelled.wait(pause)
+                pause = min(2 * pause, 2.0)
+            finally:
+                stream.close()  # closes the sessions now, not when the generator is collected
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.model.close()
