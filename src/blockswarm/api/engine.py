@@ -13,6 +13,7 @@ which closes the sessions on every server of its route.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import secrets
@@ -77,6 +78,7 @@ class Engine:
         self.waiting = 0  # requests queued for slots
         self.running = 0  # slots taken
         self.flights: dict[str, object] = {}  # choice id -> its InferenceSession, for the page's routes
+        self.finished: collections.Counter[str] = collections.Counter()  # choices by how they ended
         self._ids = itertools.count()
 
     @property
@@ -146,7 +148,9 @@ class Engine:
                 cancelled.set()
 
         try:
-            send(self._tokens(choice, cancelled, send, flight))
+            end = self._tokens(choice, cancelled, send, flight)
+            self.finished[end.finish] += 1
+            send(end)
         except APIError as exc:
             send(Event(choice.index, error=exc))
         except BlockswarmError as exc:

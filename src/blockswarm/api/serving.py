@@ -84,7 +84,7 @@ class APIServer:
         from blockswarm.runtime.client import DistributedModel
 
         self.config = config
-        self.socket = _bind(config.host, config.port)  # before the model loads: a taken port is said at once
+        self.socket = bind(config.host, config.port)  # before the model loads: a taken port is said at once
         try:
             if config.coordinator is not None:
                 model = DistributedModel.from_coordinator(config.coordinator, model=config.model,
@@ -146,7 +146,7 @@ class APIServer:
         self.close()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -2,7 +2,7 @@
 
 Heavy imports (torch, transformers, zmq) happen inside the commands that need them, so planning
 and simulating start instantly. `swarm` holds the commands that run servers and clients,
-`planning` those that plan and simulate, `coordination` the coordinator and `status`; all register
+`planning` those that plan and simulate, `coordination` the coordinator and `status`, `frontdoor` the HTTP API; all register
 on the one `app`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from blockswarm.cli import coordination, planning, swarm  # noqa: F401  (registers the commands)
+from blockswarm.cli import coordination, frontdoor, planning, swarm  # noqa: F401  (registers the commands)
 from blockswarm.cli.common import app
 
 

@@ -246,11 +246,24 @@ def demo(
     servers: int = typer.Option(3, help="How many local servers (each offers a different memory budget: "
                                 "400, 300, 200 MiB, ...)."),
     max_new_tokens: int = typer.Option(48, help="Stop after this many new tokens."),
+    api: bool = typer.Option(False, "--api", help="Then serve the OpenAI-compatible API and the swarm page "
+                             "(URL printed) until Ctrl-C."),
+    api_port: int = typer.Option(8000, help="With --api: the port (0 picks a free one)."),
 ):
     """A coordinator places SmolLM2-135M on local servers none of which is told its blocks, then
-    answers a question through the route it hands out; everything stops at the end or on Ctrl-C."""
+    answers a question through the route it hands out; everything stops at the end or on Ctrl-C.
+
+    Example: blockswarm demo --api   (then open the printed URL, or point an OpenAI client at URL/v1)"""
     _require(2 <= servers <= len(DEMO_MEMORIES), f"--servers must be 2..{len(DEMO_MEMORIES)}, got {servers}")
     _require(max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if api:  # a taken port is said now, not after the swarm has started
+        from blockswarm.api.serving import bind
+        from blockswarm.core.errors import ConfigError
+
+        try:
+            bind("127.0.0.1", api_port).close()
+        except ConfigError as exc:
+            _fail(str(exc).replace("--port", "--api-port"))
     with _interruptible("\nInterrupted; the coordinator and servers stopped."):
         import tempfile
 
@@ -278,9 +291,23 @@ def demo(
                                                                              sys.stdout.flush()))
                     typer.echo("\n")
                     _report(result)
+                    if api:
+                        _serve_api(address, api_port)
             typer.echo("Coordinator and servers stopped.", err=True)
         except BlockswarmError as exc:
             _fail(str(exc))
+
+
+def _serve_api(coordinator: str, port: int) -> None:
+    """The API in front of the demo's swarm until Ctrl-C (which then stops the swarm too)."""
+    from blockswarm.api.serving import APIConfig, APIServer
+    from blockswarm.cli.frontdoor import announce
+    from blockswarm.model.checkpoint import SMOLLM2
+
+    server = APIServer(APIConfig(coordinator=coordinator, model=SMOLLM2, port=port))
+    announce(server)
+    typer.echo("Serving until Ctrl-C.", err=True)
+    server.serve_forever()
 
 
 def _describe_placement(address: str) -> str:
