@@ -31,24 +31,6 @@ def build_tiny_model(family: str, directory, num_layers: int = 6, seed: int = 0)
     return model
 
 
-def build_tiny_chat_model(directory, smollm2_dir, num_layers: int = 4, seed: int = 0):
-    """A tiny random llama with SmolLM2's tokenizer and chat template (its vocabulary, its special
-    tokens): real text in and out, at a tiny model's speed."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, num_attention_heads=4,
-                         num_hidden_layers=num_layers, vocab_size=49152, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).eval().save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(smollm2_dir / name, directory)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     dirs = {}
@@ -66,10 +48,11 @@ def smollm2_dir():
     return ensure_smollm2()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_coordinated(smollm2_dir, tmp_path_factory):
     """A coordinator and three SmolLM2 servers (400, 300, 200 MiB), none told its blocks, shared by
-    a module's tests that need a real coordinated swarm (each server start costs ~8 s of imports)."""
+    every test that needs a real coordinated swarm (each server start costs ~8 s of imports); no
+    test may stop its servers."""
     from blockswarm.model.checkpoint import SMOLLM2
     from blockswarm.runtime.launcher import coordinated_swarm
 

@@ -254,21 +254,22 @@ async def _chunks(first: Event, events, head: dict, kind: str, choices: list[Cho
             body = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         return sse({**head, "choices": [body]})
 
-    if chat:
-        for choice in choices:
-            yield chunk(choice.index, role=True)
+    # the roles go out with the first text, in one write: each write here costs a wake-up on both sides
+    opening = "".join(chunk(choice.index, role=True) for choice in choices) if chat else ""
     generated = 0
     event = first
     try:
         while event is not None:
             if event.error is not None:
-                yield sse(event.error.body())
+                yield opening + sse(event.error.body())
                 return
-            if event.text:
-                yield chunk(event.index, text=event.text)
+            out = opening + (chunk(event.index, text=event.text) if event.text else "")
+            opening = ""
             if event.finish is not None:
                 generated += event.tokens
-                yield chunk(event.index, finish=event.finish)
+                out += chunk(event.index, finish=event.finish)
+            if out:
+                yield out
             event = await anext(events, None)
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(prompt_tokens, generated)})

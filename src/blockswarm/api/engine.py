@@ -29,6 +29,7 @@ from blockswarm.core.errors import BlockswarmError, CacheFull
 from blockswarm.model.sampling import SamplingParams
 
 log = logging.getLogger("blockswarm.api")
+INLINE_TEXT_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,19 @@ class Engine:
         return self.model.head.context_length
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.model.head.encode_chat, messages)
+        return await self._off_loop(sum(len(m["content"]) for m in messages), self.model.head.encode_chat, messages)
 
     async def encode_text(self, text: str) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.model.head.encode, text, False)
+        return await self._off_loop(len(text), self.model.head.encode, text, False)
+
+    @staticmethod
+    async def _off_loop(size: int, function, *args):
+        """Short texts are tokenized on the event loop (a fraction of a millisecond; handing them to
+        a thread and back costs more than that here, in thread wake-ups); long ones in asyncio's own
+        threads (the pool's may all be generating), so that no stream waits on them."""
+        if size <= INLINE_TEXT_CHARS:
+            return function(*args)
+        return await asyncio.to_thread(function, *args)
 
     async def run(self, choices: list[Choice], cancelled: threading.Event) -> AsyncIterator[Event]:
         """Events of all `choices` as they come; ends when every choice has ended or failed. Setting
@@ -141,16 +151,21 @@ class Engine:
         """In a worker thread: one choice from its first token to its end."""
         flight = f"{next(self._ids)}-{secrets.token_hex(3)}"
 
+        ended = False
+
         def send(event: Event) -> None:
+            nonlocal ended
+            if ended:  # (closing the sessions failed after the end went out: the client has its answer)
+                log.warning("after choice %d ended: %s", choice.index, event.error.message if event.error else event)
+                return
+            ended = event.finish is not None or event.error is not None
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 cancelled.set()
 
         try:
-            end = self._tokens(choice, cancelled, send, flight)
-            self.finished[end.finish] += 1
-            send(end)
+            self.finished[self._tokens(choice, cancelled, send, flight)] += 1
         except APIError as exc:
             send(Event(choice.index, error=exc))
         except BlockswarmError as exc:
@@ -166,12 +181,13 @@ class Engine:
             except RuntimeError:
                 pass
 
-    def _tokens(self, choice: Choice, cancelled: threading.Event, send, flight: str) -> Event:
-        """Stream one choice's text through `send`; its closing event. A full swarm is waited out
-        (before the first token) for up to `full_wait_s`."""
+    def _tokens(self, choice: Choice, cancelled: threading.Event, send, flight: str) -> str:
+        """Stream one choice's text and then its end through `send`; how it ended. The end is sent
+        before the sessions close (closing is a round trip to every server, which the client need
+        not wait for). A full swarm is waited out (before the first token) for up to `full_wait_s`."""
         deadline, pause = time.monotonic() + self.full_wait_s, 0.1
         while True:
-            stops, count = StopMatcher(choice.stops), 0
+            stops, count, finish = StopMatcher(choice.stops), 0, "length"
             stream = self.model.stream(choice.prompt, choice.max_tokens, choice.sampling, stop_at_eos=True)
             try:
                 for streamed in stream:
@@ -180,14 +196,15 @@ class Engine:
                     text, stopped = stops.feed(streamed.text)
                     if text:
                         send(Event(choice.index, text=text))
-                    if stopped or streamed.last:
-                        return Event(choice.index, finish="stop", tokens=count)
-                    if cancelled.is_set():
-                        return Event(choice.index, finish="cancelled", tokens=count)
-                rest = stops.flush()
-                if rest:
-                    send(Event(choice.index, text=rest))
-                return Event(choice.index, finish="length", tokens=count)
+                    if stopped or streamed.last or cancelled.is_set():
+                        finish = "cancelled" if cancelled.is_set() else "stop"
+                        break
+                else:
+                    rest = stops.flush()
+                    if rest:
+                        send(Event(choice.index, text=rest))
+                send(Event(choice.index, finish=finish, tokens=count))
+                return finish
             except CacheFull:
                 if count or time.monotonic() + pause > deadline or cancelled.is_set():
                     raise

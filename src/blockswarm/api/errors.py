@@ -38,7 +38,7 @@ def from_swarm(exc: BlockswarmError, missing: str | None = None) -> APIError:
     if isinstance(exc, CacheFull):
         return APIError(429, f"the swarm is full right now: {exc}", "rate_limit_error", code="swarm_full",
                         retry_after_s=RETRY_FULL_S)
-    if isinstance(exc, Infeasible):
+    if isinstance(exc, Infeasible) or missing is not None and exc.retriable:  # (a server just lost left a gap)
         return APIError(503, f"the swarm cannot serve the model now: {exc}", "service_unavailable",
                         code="swarm_incomplete", retry_after_s=RETRY_MISSING_S, missing_blocks=missing)
     if isinstance(exc, (TooLarge, LengthExceeded)):

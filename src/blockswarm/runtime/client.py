@@ -77,6 +77,7 @@ class DistributedModel:
         self._check_servers()
         self.chain = choose_chain(self.infos, head.num_blocks) if self.infos else []  # (coordinated: per session)
         self._lock = threading.Lock()  # sessions in several threads may report failures at once
+        self._no_chain = ""  # why there is no chain for new sessions, once failures left a gap
 
     @classmethod
     def from_servers(cls, addresses: list[str], model: str = "smollm2", timeout_s: float = 60.0,
@@ -169,6 +170,8 @@ class DistributedModel:
     def session(self, max_length: int, prompt_tokens: int | None = None) -> InferenceSession:
         """A session for `max_length` tokens (`prompt_tokens` of them the prompt: a coordinator
         plans with it; a client without one ignores it)."""
+        if not self.chain:
+            raise Infeasible(f"the servers left do not cover the model: {self._no_chain}")
         step_bytes = max_length * self.head.hidden_size * self.head.dtype.itemsize
         return InferenceSession(self.context, self.chain, max_length, self.timeout_s, reroute=self._reroute,
                                 step_bytes=step_bytes, keys=self.keys)
@@ -181,8 +184,8 @@ class DistributedModel:
                 self.infos.pop(gone, None)
                 try:
                     self.chain = choose_chain(self.infos, self.head.num_blocks)
-                except Infeasible:
-                    pass  # the tail below may still exist; new sessions will report what is missing
+                except Infeasible as exc:  # the tail below may still exist; new sessions fail at once
+                    self.chain, self._no_chain = [], str(exc)
             usable = {address: info for address, info in self.infos.items() if address not in avoid}
             return choose_chain(usable, self.head.num_blocks, start=start)
 
