@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,13 +70,35 @@ def test_coordinated_generate_and_status_as_the_acceptance_commands_run_them(smo
     assert sum(data["coverage"]) == sum(s["end"] - s["start"] for s in data["servers"])
 
 
-def test_demo_answers_paris_through_the_placement_it_explains():
-    run = subprocess.run([sys.executable, "-m", "blockswarm", "demo", "--prompt", "What is the capital of France?"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    assert "Paris" in run.stdout
-    assert "Placement by cgbp for R=2" in run.stderr and "predicted per-token time" in run.stderr
-    assert "Coordinator and servers stopped." in run.stderr
+def test_demo_answers_paris_then_serves_the_api_until_ctrl_c():
+    """`demo --api`: the placement explained, Paris, then the API and page over the demo's swarm;
+    Ctrl-C stops the API, the coordinator and the servers (one line, code 130)."""
+    import httpx
+
+    from blockswarm.runtime.launcher import start, wait_ready
+
+    process = start([sys.executable, "-m", "blockswarm", "demo", "--api", "--api-port", "0", "--prompt",
+                     "What is the capital of France?"], stderr=subprocess.PIPE)
+    answer = []
+    try:
+        address = wait_ready(process, 600, on_line=answer.append)
+        assert "Paris" in "\n".join(answer)
+        assert httpx.get(f"http://{address}/v1/models").json()["data"][0]["id"] == "smollm2"
+        swarm = httpx.get(f"http://{address}/api/swarm").json()
+        assert len(swarm["servers"]) == 3 and swarm["missing"] is None
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 4  # the coordinator and three servers
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "Placement by cgbp for R=2" in stderr and "predicted per-token time" in stderr
+    assert "swarm page: http://" in stderr and "Traceback" not in stderr
+    assert "the coordinator and servers stopped" in stderr
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
 
 def test_generate_with_no_servers_is_a_clear_error():

@@ -15,10 +15,11 @@ import secrets
 import threading
 import time
 from importlib import resources
+from typing import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from blockswarm.api.engine import Choice, Engine, Event, derived_seed
@@ -33,18 +34,33 @@ MAX_REQUEST_BYTES = 1 << 20
 KEEPALIVE_S = 15.0  # a comment on idle event streams, so proxies keep them open
 
 
-class EventStream(StreamingResponse):
+class EventStream(Response):
     """Server-sent events that call `on_close` however the response ends: finished, failed, or the
-    client gone (Starlette cancels the stream when it hears the disconnect)."""
+    client gone. Starlette's StreamingResponse would do, but it runs every stream in an anyio task
+    group that costs ~0.5 ms before the first byte here; this sends straight away and hears a
+    disconnect from a plain task beside it."""
 
-    def __init__(self, content, on_close, headers=None):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
-        self.on_close = on_close
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], headers=None):
+        self.body_iterator, self.on_close = content, on_close
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", **(headers or {})})
 
     async def __call__(self, scope, receive, send):
+        async def listen():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.on_close()  # the producers stop at their next token, which ends the iteration below
+
+        listener = asyncio.create_task(listen())
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for text in self.body_iterator:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            listener.cancel()
             self.on_close()
 
 
