@@ -80,3 +80,12 @@ def test_the_coordinator_starts_without_torch():
     out = run_fresh(IMPORT.format(roots=roots, walk=True, avoid=("torch", "transformers")))
     assert "blockswarm.runtime.coordinator.service" in out["modules"]
     assert out["loaded"] == [], f"the coordinator's modules loaded {out['loaded']}"
+
+
+def test_the_runtime_never_reaches_up_to_the_http_api():
+    """`api/` sits on the runtime and only the CLI imports it: no runtime or model module loads it,
+    nor the web stack under it."""
+    out = run_fresh(IMPORT.format(roots=["blockswarm.runtime", "blockswarm.model"], walk=True,
+                                  avoid=("blockswarm.api", "starlette", "uvicorn", "pydantic")))
+    assert len(out["modules"]) > 10
+    assert out["loaded"] == [], f"the runtime loaded {out['loaded']}"
