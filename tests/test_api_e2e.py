@@ -276,9 +276,11 @@ def bars(driver) -> dict[str, tuple[str, str]]:
         "b.textContent])")}
 
 
-def test_swarm_page_shows_every_server_and_a_killed_one_going(api, swarm, client):
-    """In headless Chromium: every server's bar with its span; a killed server's bar turns `gone`
-    within seconds, the strip shows its blocks uncovered, and requests get a 503 naming them."""
+def test_swarm_page_shows_every_server_chats_and_shows_a_killed_one_going(api, swarm, client, python_api):
+    """In headless Chromium: every server's bar with its span; the chat box streams the answer the
+    Python API gives; a killed server's bar turns `gone` within seconds, the strip shows its blocks
+    uncovered, and requests get a 503 naming them."""
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -290,6 +292,14 @@ def test_swarm_page_shows_every_server_and_a_killed_one_going(api, swarm, client
                                         == {a: "serving" for a in swarm})
         for address, (_, text) in bars(driver).items():
             assert spans[address] in text
+        driver.find_element(By.ID, "max").clear()
+        driver.find_element(By.ID, "max").send_keys("16")
+        driver.find_element(By.ID, "prompt").send_keys(HELLO[0]["content"])
+        driver.find_element(By.ID, "send").click()  # greedy (the box's default temperature is 0)
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log .msg")) == 2
+                                        and d.find_element(By.ID, "send").is_enabled())
+        shown = driver.execute_script("return document.querySelectorAll('#log .msg span')[1].textContent")
+        assert shown == python_text(python_api, python_api.head.encode_chat(HELLO), 16)[0]
         driver.save_screenshot(str(ARTIFACTS / "swarm-page.png"))
         victim = list(swarm)[1]
         swarm[victim].kill()

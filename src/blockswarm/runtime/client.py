@@ -215,21 +215,28 @@ class DistributedModel:
                  chat_template: bool = True, stop_at_eos: bool = True,
                  on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
         """Generate up to max_new_tokens; on_token(token_id, text_delta) streams as tokens arrive."""
-        new, latencies, ttft, session = [], [], 0.0, None
+        new, latencies, ttft = [], [], 0.0
         begin = last = time.perf_counter()
-        for streamed in self.stream(prompt, max_new_tokens, sampling, chat_template, stop_at_eos):
-            now = time.perf_counter()
-            if new:
-                latencies.append(now - last)
-            else:
-                ttft = now - begin
-            new.append(streamed.token)
-            session = streamed.session
-            if on_token is not None:
-                on_token(streamed.token, streamed.text)
-            last = time.perf_counter()  # (the callback's own time is not the swarm's)
-        return GenerationResult(new, self._decode(new), list(session.chain), ttft, latencies, list(session.timings),
-                                list(session.repairs), list(session.reopens))
+        stream = self.stream(prompt, max_new_tokens, sampling, chat_template, stop_at_eos)
+        try:
+            for streamed in stream:
+                now = time.perf_counter()
+                if new:
+                    latencies.append(now - last)
+                else:
+                    ttft = now - begin
+                new.append(streamed.token)
+                if on_token is not None:
+                    on_token(streamed.token, streamed.text)
+                last = time.perf_counter()  # (the callback's own time is not the swarm's)
+                if streamed.last or len(new) == max_new_tokens:
+                    session = streamed.session  # read before the sessions close, which empties them
+                    result = GenerationResult(new, self._decode(new), list(session.chain), ttft, latencies,
+                                              list(session.timings), list(session.repairs), list(session.reopens))
+                    break
+        finally:
+            stream.close()
+        return result
 
     def _decode(self, ids: list[int]) -> str:
         if not self.head.has_tokenizer:  # token ids in, token ids out
