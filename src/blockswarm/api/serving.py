@@ -114,11 +114,16 @@ class APIServer:
         return f"http://{host}:{port}"
 
     def serve_forever(self) -> None:
-        """Until Ctrl-C or SIGTERM (uvicorn handles both), then everything stops."""
+        """Until Ctrl-C or SIGTERM, then everything stops and KeyboardInterrupt says so. (uvicorn
+        catches the signal, shuts down and raises it again, but under asyncio.run that second
+        SIGINT may or may not become a KeyboardInterrupt: whether the main task was still running
+        decides. Raising it here makes the ending the same every time.)"""
         try:
             self.server.run(sockets=[self.socket])
         finally:
             self.close()
+        if self.server.should_exit:  # (nothing else asks it to exit while it serves in the foreground)
+            raise KeyboardInterrupt
 
     def start(self) -> "APIServer":
         """Serve in a background thread (tests, benchmarks); returns once it accepts requests."""
