@@ -81,14 +81,17 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
                            code="invalid_api_key")
 
     async def body_of(request: Request) -> bytes:
+        """The body, refused (413) as soon as it is known to pass the bound: by its declared length,
+        or while it streams in without one."""
+        too_large = APIError(413, f"the request is larger than {max_request_bytes} bytes", code="request_too_large")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_request_bytes:
-            raise APIError(413, f"the request is larger than {max_request_bytes} bytes", code="request_too_large")
+            raise too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_request_bytes:
-                raise APIError(413, f"the request is larger than {max_request_bytes} bytes", code="request_too_large")
+                raise too_large
         return bytes(body)
 
     def check_model(name: str) -> None:
