@@ -87,6 +87,12 @@ def serve(
     _require(dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     with _interruptible("interrupted while starting; the server was not started"):
         from blockswarm.core.errors import BlockswarmError
+        from blockswarm.runtime.devices import check_device
+
+        try:  # (before the server's imports: a missing GPU is said in ~2 s, not ~8)
+            check_device(device)
+        except BlockswarmError as exc:
+            _fail(str(exc))
         from blockswarm.runtime.server import ServeConfig, run_server
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)

@@ -30,7 +30,8 @@ from blockswarm.runtime.endpoints import Endpoints, port_limits
 from blockswarm.runtime.messages import model_name
 from blockswarm.runtime.protocol import DTYPES, PROTOCOL_VERSION
 from blockswarm.runtime.ratelog import RateLimitedLog
-from blockswarm.runtime.server import Server, ServeConfig, _check_device, announce_ready
+from blockswarm.runtime.devices import check_device
+from blockswarm.runtime.server import Server, ServeConfig, announce_ready
 
 log = logging.getLogger("blockswarm.server")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -94,7 +95,7 @@ class Member:
 def run_member(config: ServeConfig, keys=None) -> None:
     """Bind, measure, register, wait for a span, load it, serve until SIGINT/SIGTERM; leave on exit."""
     config.check()
-    _check_device(config.device)
+    check_device(config.device)
     path = resolve_model(config.model)
     model_config = load_config(path)
     context_tokens = getattr(model_config, "max_position_embeddings", None)

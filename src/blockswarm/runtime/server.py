@@ -20,10 +20,11 @@ import time
 import torch
 import zmq
 
-from blockswarm.core.errors import BadRequest, BlockswarmError, CacheFull, ConfigError, ServerError, UnknownSession
+from blockswarm.core.errors import BadRequest, BlockswarmError, CacheFull, ServerError, UnknownSession
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
+from blockswarm.runtime.devices import check_device
 from blockswarm.runtime.endpoints import Endpoints, port_limits, receive
 from blockswarm.runtime.guard import HOT_CHECK_S, Guard, give_memory_back
 from blockswarm.runtime.protocol import (
@@ -68,7 +69,7 @@ class Server:
     def load(cls, config: ServeConfig) -> "Server":
         """Bind first (a port in use fails at once), then load the span and measure it."""
         config.check()
-        _check_device(config.device)
+        check_device(config.device)
         path = resolve_model(config.model)
         model_config = load_config(path)
         context_tokens = getattr(model_config, "max_position_embeddings", None)
@@ -367,17 +368,6 @@ def _op_name(header: dict) -> str:
 def _internal(rid) -> dict:
     return {"ok": False, "rid": rid, "code": "internal", "retriable": False,
             "message": "internal server error (logged on the server)"}
-
-
-def _check_device(device: str) -> None:
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
-    if kind not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
 
 
 def _port(socket) -> int:
