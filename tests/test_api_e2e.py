@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -178,8 +179,13 @@ def test_every_error_is_its_status_in_openai_shape(api, chat_model, swarm):
     # one generation at a time and no queue: a second request while one runs is a 429 with Retry-After
     keys = {"sk-test-1"}
     with APIServer(APIConfig(servers=list(swarm), model=str(chat_model), port=0, slots=1, queue=0,
-                             api_keys=keys)).start() as narrow:
+                             api_keys=keys, body_timeout_s=0.5)).start() as narrow:
         auth = {"Authorization": "Bearer sk-test-1"}
+        host, port = narrow.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as trickle:  # promises 100 bytes, sends 1
+            trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test-1\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            assert trickle.recv(4096).startswith(b"HTTP/1.1 408")
         refused = httpx.post(f"{narrow.url}/v1/chat/completions", json=ok)
         assert refused.status_code == 401 and error_of(refused)["code"] == "invalid_api_key"
         assert httpx.get(f"{narrow.url}/api/swarm").status_code == 401

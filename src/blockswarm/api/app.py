@@ -32,6 +32,7 @@ log = logging.getLogger("blockswarm.api")
 DEFAULT_MAX_TOKENS = 256  # when a request names no limit (and the context leaves room for it)
 MAX_REQUEST_BYTES = 1 << 20
 KEEPALIVE_S = 15.0  # a comment on idle event streams, so proxies keep them open
+BODY_TIMEOUT_S = 30.0  # the longest a request's body may take to arrive
 
 
 class EventStream(Response):
@@ -69,7 +70,8 @@ def sse(data) -> str:
 
 
 def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = None,
-              max_request_bytes: int = MAX_REQUEST_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Starlette:
+              max_request_bytes: int = MAX_REQUEST_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+              body_timeout_s: float = BODY_TIMEOUT_S) -> Starlette:
     created = int(time.time())
 
     def authorize(request: Request) -> None:
@@ -88,10 +90,15 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
         if length is not None and length.isdigit() and int(length) > max_request_bytes:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_request_bytes:
-                raise too_large
+        try:
+            async with asyncio.timeout(body_timeout_s):  # a body sent a byte at a time holds nothing for long
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > max_request_bytes:
+                        raise too_large
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {body_timeout_s:g} s",
+                           code="request_timeout") from None
         return bytes(body)
 
     def check_model(name: str) -> None:

@@ -17,6 +17,7 @@ from blockswarm.core.errors import ConfigError
 from blockswarm.runtime.messages import model_name
 
 log = logging.getLogger("blockswarm.api")
+MAX_CONNECTIONS = 1000
 
 
 @dataclass
@@ -37,6 +38,7 @@ class APIConfig:
     dtype: str = "float32"
     max_request_bytes: int = 1 << 20
     default_max_tokens: int = 256
+    body_timeout_s: float = 30.0  # the longest a request's body may take to arrive (then 408)
 
     def check(self) -> None:
         if (self.servers is None) == (self.coordinator is None):
@@ -103,9 +105,12 @@ class APIServer:
         self.engine = Engine(model, model_name(config.model), config.slots, config.queue, config.full_wait_s,
                              missing=lambda: self.state.missing() if self.state else None)
         self.state = SwarmState(self.engine, model.context, config.coordinator, config.servers, config.keys).start()
-        app = build_app(self.engine, self.state, config.api_keys, config.max_request_bytes, config.default_max_tokens)
+        app = build_app(self.engine, self.state, config.api_keys, config.max_request_bytes, config.default_max_tokens,
+                        config.body_timeout_s)
+        # connections beyond MAX_CONNECTIONS get uvicorn's own 503: a crowd of idle sockets cannot
+        # take the process's descriptors (slow bodies are cut by the app after body_timeout_s)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
-                                                    timeout_graceful_shutdown=2))
+                                                    timeout_graceful_shutdown=2, limit_concurrency=MAX_CONNECTIONS))
         self._thread = None
 
     @property
