@@ -225,7 +225,7 @@ def test_bounded_load_loses_and_duplicates_nothing(api, python_api, swarm):
     assert set(sessions_on(swarm).values()) == {0}  # every session closed
 
 
-def test_a_client_gone_mid_stream_frees_its_sessions(api, swarm):
+def test_a_client_gone_mid_answer_frees_its_sessions(api, swarm):
     before = api.engine.finished["cancelled"]
     with httpx.stream("POST", f"{api.url}/v1/completions", timeout=30, json={
             "model": "chat", "prompt": "bee", "max_tokens": 480, "stream": True}) as response:
@@ -238,6 +238,16 @@ def test_a_client_gone_mid_stream_frees_its_sessions(api, swarm):
         time.sleep(0.05)
     assert set(sessions_on(swarm).values()) == {0}
     assert api.engine.finished["cancelled"] == before + 1  # stopped early, not run to its 480 tokens
+
+    # a non-streaming request whose client gives up (as an SDK's timeout does) stops as well
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{api.url}/v1/completions", timeout=0.5, json={"model": "chat", "prompt": "bee",
+                                                                   "max_tokens": 480})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and api.engine.finished["cancelled"] != before + 2:
+        time.sleep(0.05)
+    assert api.engine.finished["cancelled"] == before + 2
+    assert set(sessions_on(swarm).values()) == {0}
 
 
 def test_api_command_serves_as_the_acceptance_commands_use_it(swarm, chat_model):

@@ -49,12 +49,8 @@ class EventStream(Response):
         self.init_headers({"Cache-Control": "no-cache", **(headers or {})})
 
     async def __call__(self, scope, receive, send):
-        async def listen():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.on_close()  # the producers stop at their next token, which ends the iteration below
-
-        listener = asyncio.create_task(listen())
+        # on a disconnect the producers stop at their next token, which ends the iteration below
+        listener = asyncio.create_task(until_disconnect(receive, self.on_close))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for text in self.body_iterator:
@@ -63,6 +59,13 @@ class EventStream(Response):
         finally:
             listener.cancel()
             self.on_close()
+
+
+async def until_disconnect(receive, on_disconnect: Callable[[], None]) -> None:
+    """Call `on_disconnect` when the client goes away (the request's body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    on_disconnect()
 
 
 def sse(data) -> str:
@@ -126,7 +129,7 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
                 choices.append(Choice(p * req.n + j, prompt, budget, sampling, req.stop))
         return choices
 
-    async def generate(choices: list[Choice], prompt_tokens: int, rid: str, kind: str, req) -> Response:
+    async def generate(choices: list[Choice], prompt_tokens: int, rid: str, kind: str, req, receive) -> Response:
         cancelled = threading.Event()
         events = engine.run(choices, cancelled)
         try:
@@ -143,6 +146,8 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
             return EventStream(_chunks(first, events, head, kind, choices, prompt_tokens, req.include_usage),
                                cancelled.set, headers={"X-Request-Id": rid})
         texts, finishes, tokens = {c.index: [] for c in choices}, {}, {}
+        # a client that gives up (an SDK's timeout, which it then retries) stops the generation too
+        listener = asyncio.create_task(until_disconnect(receive, cancelled.set))
         try:
             event = first
             while True:
@@ -153,6 +158,7 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
                 if event is None:
                     break
         finally:
+            listener.cancel()
             cancelled.set()
             await events.aclose()
         usage = _usage(prompt_tokens, sum(tokens.values()))
@@ -172,7 +178,8 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
         check_model(req.model)
         prompt = await engine.encode_chat([m.as_template_input() for m in req.messages])
         choices = choices_for([prompt], req, "messages")
-        return await generate(choices, len(prompt), f"chatcmpl-{secrets.token_hex(12)}", "chat", req)
+        return await generate(choices, len(prompt), f"chatcmpl-{secrets.token_hex(12)}", "chat", req,
+                              request.receive)
 
     async def completions(request: Request) -> Response:
         authorize(request)
@@ -190,7 +197,8 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
         if any(not prompt for prompt in prompts):
             raise APIError(400, "prompt: the prompt is empty", param="prompt", code="invalid_value")
         choices = choices_for(prompts, req, "prompt")
-        return await generate(choices, sum(map(len, prompts)), f"cmpl-{secrets.token_hex(12)}", "text", req)
+        return await generate(choices, sum(map(len, prompts)), f"cmpl-{secrets.token_hex(12)}", "text", req,
+                              request.receive)
 
     def model_card() -> dict:
         return {"id": engine.name, "object": "model", "created": created, "owned_by": "blockswarm",
