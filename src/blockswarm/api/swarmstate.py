@@ -38,6 +38,8 @@ class SwarmState:
         self._stop = threading.Event()
         self._refused: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="swarm-state", daemon=True)
+        self._askers = ThreadPoolExecutor(max_workers=min(8, max(1, len(self.addresses))),
+                                          thread_name_prefix="swarm-info")  # servers asked in parallel
 
     def start(self) -> "SwarmState":
         self._poll()
@@ -46,6 +48,7 @@ class SwarmState:
 
     def stop(self) -> None:
         self._stop.set()
+        self._askers.shutdown(wait=False, cancel_futures=True)
 
     def snapshot(self) -> dict:
         snapshot = dict(self._snapshot)
@@ -111,8 +114,7 @@ class SwarmState:
             except BlockswarmError:
                 return None
 
-        with ThreadPoolExecutor(max_workers=min(8, len(self.addresses))) as pool:
-            answers = dict(zip(self.addresses, pool.map(ask, self.addresses)))
+        answers = dict(zip(self.addresses, self._askers.map(ask, self.addresses)))
         L = self.engine.model.head.num_blocks
         coverage, servers = [0] * L, []
         for address, info in answers.items():
