@@ -33,8 +33,7 @@ class SwarmState:
                  keys=None):
         self.engine, self.context, self.keys = engine, context, keys
         self.coordinator, self.addresses = coordinator, list(servers or [])
-        self.version, self._snapshot = 0, None
-        self.changed = threading.Condition()
+        self.version, self._snapshot = 0, None  # (the event stream sends a snapshot when `version` moves)
         self._stop = threading.Event()
         self._refused: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="swarm-state", daemon=True)
@@ -73,11 +72,9 @@ class SwarmState:
             fresh["error"] = f"could not ask the swarm: {exc}"
         fresh["updated"] = time.time()
         old = {k: v for k, v in (self._snapshot or {}).items() if k != "updated"}
-        with self.changed:
-            self._snapshot = fresh
-            if old != {k: v for k, v in fresh.items() if k != "updated"}:
-                self.version += 1
-                self.changed.notify_all()
+        self._snapshot = fresh
+        if old != {k: v for k, v in fresh.items() if k != "updated"}:
+            self.version += 1
 
     def _empty(self) -> dict:
         return {"model": self.engine.name, "num_blocks": self.engine.model.head.num_blocks,
