@@ -231,8 +231,10 @@ def build_app(engine: Engine, state: SwarmState, api_keys: set[str] | None = Non
 
         return EventStream(updates(), stop.set)
 
+    page_html = resources.files("blockswarm.api").joinpath("static/index.html").read_text()  # (read once)
+
     async def page(request: Request) -> Response:
-        return HTMLResponse(resources.files("blockswarm.api").joinpath("static/index.html").read_text())
+        return HTMLResponse(page_html)
 
     async def api_error(request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())

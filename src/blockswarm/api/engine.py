@@ -191,7 +191,8 @@ class Engine:
             stream = self.model.stream(choice.prompt, choice.max_tokens, choice.sampling, stop_at_eos=True)
             try:
                 for streamed in stream:
-                    self.flights[flight] = streamed.session
+                    if not count:  # (one session per stream: the page reads its route, repairs included)
+                        self.flights[flight] = streamed.session
                     count += 1
                     text, stopped = stops.feed(streamed.text)
                     if text:

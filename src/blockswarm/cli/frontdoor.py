@@ -63,7 +63,6 @@ def api(
                            api_keys=read_api_keys(api_keys) if api_keys else None, insecure=insecure,
                            slots=concurrency, queue=queue, full_wait_s=full_wait, timeout_s=timeout, wait_s=wait,
                            dtype=dtype, max_request_bytes=max_request_bytes, default_max_tokens=default_max_tokens)
-        config.check()
         with _interruptible("stopped"):
             server = APIServer(config, on_wait=lambda message: typer.echo(message, err=True))
             announce(server)
