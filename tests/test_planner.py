@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from blockswarm.core.errors import Infeasible
@@ -201,15 +201,32 @@ def reference_wsrr(view, request):
     return route, max(free_at[(h.server, h.blocks)] for h in route.hops)
 
 
+STREAM = dict(R=st.integers(1, 3), gaps=st.lists(st.floats(0.0, 0.5), min_size=5, max_size=40),
+              lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3))
+
+
 @SETTINGS
-@given(scenario=scenarios(max_servers=10, max_blocks=12), R=st.integers(1, 3),
-       gaps=st.lists(st.floats(0.0, 0.5), min_size=5, max_size=40), lengths=st.lists(st.integers(1, 9), min_size=1,
-                                                                                     max_size=3))
-def test_wsrr_shortcut_decides_exactly_as_the_full_search_under_congestion(scenario, R, gaps, lengths):
-    """WS-RR's shortcut (the memoized load-free route whenever all its hops have room) gives the
-    same route and the same start, bit for bit, as the full waiting-aware search, on a stream of
-    requests arriving faster than they finish, with one memo across them as the simulator and the
-    coordinator keep it. (The referee for any faster search to come.)"""
+@given(scenario=scenarios(max_servers=10, max_blocks=12), **STREAM)
+def test_wsrr_decides_exactly_as_the_full_search_under_congestion(scenario, R, gaps, lengths):
+    """WS-RR (its shortcut: the memoized load-free route whenever all its hops have room; else every
+    hop priced at once in numpy over the boundary DAG) gives the same route and the same start, bit
+    for bit, as the full waiting-aware Dijkstra, on a stream of requests arriving faster than they
+    finish, with one memo across them as the simulator and the coordinator keep it."""
+    referee_stream(scenario, R, gaps, lengths)
+
+
+@SETTINGS
+@given(kinds=st.lists(st.tuples(st.sampled_from([1.5e9, 2.3e9, 3.5e9, 6.5e9]), st.sampled_from([0.001, 0.01])),
+                      min_size=1, max_size=3), copies=st.integers(2, 4), L=st.integers(3, 10), **STREAM)
+def test_wsrr_breaks_ties_as_dijkstra_among_identical_servers(kinds, copies, L, R, gaps, lengths):
+    """Identical servers (same memory, speed and site) make equal-cost routes common; the numpy
+    search must still pick Dijkstra's (first settled source, then span order)."""
+    servers = [kind for kind in kinds for _ in range(copies)]
+    scenario = tiny_scenario(L, [m for m, _ in servers], [t for _, t in servers], ["a"] * len(servers))
+    referee_stream(scenario, R, gaps, lengths)
+
+
+def referee_stream(scenario, R, gaps, lengths):
     from blockswarm.perf.model import route_time
     from blockswarm.planner.routing import block_index
 
@@ -223,10 +240,95 @@ def test_wsrr_shortcut_decides_exactly_as_the_full_search_under_congestion(scena
         now += gap
         request = Request(client=i % len(scenario.clients), prompt_tokens=lengths[i % len(lengths)],
                           output_tokens=lengths[(i + 1) % len(lengths)] + 1, arrival_s=now)
-        view = SwarmView(scenario, placement, now, {j: tuple(s for s in sessions if s[0] > now)
-                                                    for j, sessions in active.items()}, index, None, memo)
+        live = {j: tuple(s for s in sessions if s[0] > now) for j, sessions in active.items()}
+        view = SwarmView(scenario, placement, now, live, index, None, memo)
         decision = wsrr.route(view, request)
         assert (decision.route, decision.start_s) == reference_wsrr(view, request)
         end = decision.start_s + route_time(scenario, decision.route, request).completion_s
         for hop in decision.route.hops:
             active.setdefault(hop.server, []).append((end, hop.blocks))
+
+
+@SETTINGS
+@given(scenario=scenarios(max_servers=6), prompt=st.integers(1, 500), output=st.integers(1, 500))
+def test_vectorized_hop_prices_equal_the_scalar_model_bit_for_bit(scenario, prompt, output):
+    import numpy as np
+
+    from blockswarm.perf.model import ServerTable, hop_service_array, hop_service_s
+
+    servers = np.array([j for j in range(len(scenario.servers)) for _ in range(scenario.model.num_blocks)])
+    blocks = np.array([k for _ in scenario.servers for k in range(1, scenario.model.num_blocks + 1)])
+    for client in range(len(scenario.clients)):
+        request = Request(client, prompt, output)
+        vector = hop_service_array(scenario, ServerTable.of(scenario), request, servers, blocks)
+        assert vector.tolist() == [hop_service_s(scenario, request, int(j), int(k)) for j, k in zip(servers, blocks)]
+
+
+@SETTINGS
+@given(ops=st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 50.0), st.integers(1, 6)), max_size=40),
+       slot_counts=st.lists(st.integers(0, 9), min_size=3, max_size=3), now=st.floats(0.0, 60.0))
+def test_free_times_kept_incrementally_answer_as_slots_free_at(ops, slot_counts, now):
+    """Sessions come and go on three servers (one that would overfill a server ends its oldest
+    session instead); the table kept by marking the servers changed equals `slots_free_at` for
+    every server and k."""
+    from blockswarm.core.specs import Placement, Span
+    from blockswarm.planner.freetimes import FreeTimes
+    from blockswarm.planner.view import ActiveBySession
+
+    scenario = tiny_scenario(6, [6.5e9] * 3, [0.01] * 3, ["a"] * 3)
+    placement = Placement(tuple(Span(j, j, 6, slot_counts[j]) for j in range(3)), 6)
+    active: dict[int, dict[int, tuple[float, int]]] = {j: {} for j in range(3)}
+    used = {j: 0 for j in range(3)}
+    view_active = ActiveBySession(active)
+    times = FreeTimes(placement, 3, view_active, used)
+    for i, (server, end, held) in enumerate(ops):
+        if used[server] + held > slot_counts[server]:
+            if active[server]:  # full: the oldest session ends instead
+                oldest = next(iter(active[server]))
+                used[server] -= active[server].pop(oldest)[1]
+                times.mark(server)
+            continue
+        active[server][i] = (end, held)
+        used[server] += held
+        times.mark(server)
+        times.table()  # read between changes, as a router does
+    view = SwarmView(scenario, placement, now, view_active, None, used)
+    table = times.table()
+    for j in range(3):
+        for k in range(1, 7 - j):
+            expected = view.slots_free_at(j, k)
+            got = max(now, table[j, k])
+            assert (expected is None and got == math.inf) or got == expected
+
+
+TIE = [None] * 64  # two routes of cost 3; Dijkstra settles boundary 2 (cost 1) before boundary 1 (cost 2)
+TIE[0], TIE[8], TIE[9], TIE[17], TIE[18] = 2, 1, 9, 1, 2
+
+
+@SETTINGS
+@given(spans=st.lists(st.tuples(st.integers(0, 7), st.integers(1, 8)), min_size=1, max_size=8),
+       prices=st.lists(st.one_of(st.integers(1, 3), st.none()), min_size=64, max_size=64), start=st.integers(0, 3))
+@example(spans=[(0, 1), (0, 2), (1, 7)], prices=TIE, start=0)
+def test_the_numpy_search_picks_dijkstras_route_even_among_ties(spans, prices, start):
+    """Small integer hop costs make equal-cost routes the rule; `cheapest` over the boundary graph
+    must return the very route (and cost) that `shortest_route` does, or fail where it fails."""
+    import numpy as np
+
+    from blockswarm.core.specs import Placement, Span
+    from blockswarm.planner.routing import boundary_graph, cheapest, shortest_route
+
+    L = 8
+    placement = Placement(tuple(Span(i, a, min(L, a + m), 1) for i, (a, m) in enumerate(spans)), L)
+    price = lambda server, a, b: prices[(server * 8 + a) % 64]  # noqa: E731
+    graph = boundary_graph(placement, start)
+    cost = np.array([math.inf if price(j, a, a + k) is None else float(price(j, a, a + k))
+                     for j, a, k in zip(graph.server.tolist(), graph.entry.tolist(), graph.blocks.tolist())])
+    found = cheapest(graph, cost)
+    try:
+        total, expected = shortest_route(placement, lambda j, a, b: None if price(j, a, b) is None
+                                         else float(price(j, a, b)), start=start)
+    except Infeasible:
+        assert found is None
+        return
+    assert found is not None and found[0] == expected
+    assert sum(cost[e] for e in found[1]) == total

@@ -9,7 +9,11 @@ Dijkstra on it gives CG-BPRR's shortest path, PETALS' Dijkstra and WS-RR's waiti
 from __future__ import annotations
 
 import heapq
+import math
+from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Hop, Placement, Route
@@ -76,3 +80,73 @@ def shortest_route(placement: Placement, hop_cost: HopCost, index: tuple | None 
         boundary, hop = previous[boundary]
         hops.append(hop)
     return best[L], Route(tuple(hops[::-1]))
+
+
+@dataclass(frozen=True)
+class BoundaryGraph:
+    """The same DAG as arrays, for routers that price every hop of a decision in one numpy step.
+    Nodes are `start` and every span end after it (no other boundary is ever reached, so hops
+    entering elsewhere are left out); edges are grouped by the node they reach, in increasing
+    order, and inside a group ordered by entry boundary, then by span order: Dijkstra's relaxation
+    order, so that `cheapest` resolves ties as `shortest_route` does."""
+
+    boundaries: tuple[int, ...]  # node -> block boundary; node 0 is `start`, the last is L
+    source: np.ndarray  # edge -> the node it leaves
+    server: np.ndarray
+    entry: np.ndarray  # edge -> the boundary it enters its server at
+    blocks: np.ndarray  # edge -> blocks it computes (span end − entry)
+    groups: tuple[tuple[int, int], ...]  # node i + 1 -> slice of the edges reaching it
+
+
+def boundary_graph(placement: Placement, start: int = 0) -> BoundaryGraph:
+    L = placement.num_blocks
+    boundaries = sorted({start} | {s.end for s in placement.spans if s.end > start})
+    if boundaries[-1] != L:
+        boundaries.append(L)  # unreachable: no edge reaches it, and `cheapest` says so
+    node = {b: i for i, b in enumerate(boundaries)}
+    ending: dict[int, list] = {}
+    for span in placement.spans:
+        ending.setdefault(span.end, []).append(span)
+    source, server, entry, blocks, groups = [], [], [], [], []
+    for end in boundaries[1:]:
+        first = len(server)
+        for b in boundaries:
+            if b >= end:
+                break
+            for span in ending.get(end, ()):
+                if span.start <= b:
+                    source.append(node[b]), server.append(span.server), entry.append(b), blocks.append(end - b)
+        groups.append((first, len(server)))
+    as_array = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
+    return BoundaryGraph(tuple(boundaries), as_array(source), as_array(server), as_array(entry), as_array(blocks),
+                         tuple(groups))
+
+
+def cheapest(graph: BoundaryGraph, cost: np.ndarray) -> tuple[Route, list[int]] | None:
+    """The cheapest route through `graph` with `cost` per edge (math.inf forbids an edge) and the
+    edges it takes; None when nothing reaches L. A DAG in boundary order, so one pass suffices."""
+    best = np.full(len(graph.boundaries), math.inf)
+    best[0] = 0.0
+    chosen = [-1] * len(graph.boundaries)
+    for target, (lo, hi) in enumerate(graph.groups, 1):
+        if lo == hi:
+            continue
+        sources = graph.source[lo:hi]
+        totals = best[sources] + cost[lo:hi]
+        i = int(totals.argmin())
+        total = totals[i]
+        if total == math.inf:
+            continue
+        ties = np.flatnonzero(totals == total)
+        if len(ties) > 1:  # Dijkstra keeps the first relaxation: from the source it settled first
+            i = int(ties[best[sources[ties]].argmin()])  # (cheapest, then lowest boundary, then span order)
+        best[target], chosen[target] = total, lo + i
+    if chosen[-1] < 0:
+        return None
+    hops, edges, target = [], [], len(graph.boundaries) - 1
+    while target != 0:
+        edge = chosen[target]
+        edges.append(edge)
+        hops.append(Hop(int(graph.server[edge]), int(graph.entry[edge]), graph.boundaries[target]))
+        target = int(graph.source[edge])
+    return Route(tuple(hops[::-1])), edges[::-1]

@@ -19,6 +19,7 @@ class SwarmView:
     index: tuple | None = None  # routing.block_index(placement), when the caller keeps one
     used: Mapping[int, int] | None = None  # slots held per server, when the caller keeps the sums
     memo: dict | None = None  # scratch space for routers, valid for this placement (caller clears it)
+    free_times: object | None = None  # a planner.freetimes.FreeTimes over `active`, when the caller keeps one
 
     def free_slots(self, server: int) -> int:
         span = self.placement.span_of(server)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Request, Route, Scenario
-from blockswarm.perf.model import default_request, hop_service_s, route_time
+from blockswarm.perf.model import ServerTable, default_request, hop_service_array, hop_service_s, route_time
 from blockswarm.planner import cgbprr
-from blockswarm.planner.routing import has_room, memo_route, shortest_route
+from blockswarm.planner.freetimes import FreeTimes
+from blockswarm.planner.routing import boundary_graph, cheapest, has_room, memo_route
 from blockswarm.planner.view import SwarmView
 
 
@@ -34,20 +37,25 @@ def route(view: SwarmView, request: Request, start: int = 0) -> RoutingDecision:
                         lambda j, a, b: hop_service_s(scenario, request, j, b - a), start)
     if has_room(view, static):
         return RoutingDecision(static, view.now)
-    free_at: dict[tuple[int, int], float] = {}
-
-    def cost(server: int, start: int, end: int) -> float | None:
-        ready = view.slots_free_at(server, end - start)
-        if ready is None:
-            return None
-        free_at[(server, end - start)] = ready
-        return (ready - view.now) + hop_service_s(scenario, request, server, end - start)
-
-    try:
-        chosen = shortest_route(view.placement, cost, view.index, start)[1]
-    except Infeasible:
+    memo = view.memo if view.memo is not None else {}
+    graph = memo.get(("wsrr-graph", start))
+    if graph is None:
+        graph = memo[("wsrr-graph", start)] = boundary_graph(view.placement, start)
+    kept = memo.get("server-table")  # the memo follows the placement; servers may join the scenario meanwhile
+    table = kept[1] if kept is not None and kept[0] is scenario else None
+    if table is None:
+        table = ServerTable.of(scenario)
+        memo["server-table"] = (scenario, table)
+    times = view.free_times if view.free_times is not None else FreeTimes.of_view(view)
+    # every hop priced at once: its wait for slots (an absolute free time, so max(now, ·)) + its service
+    ready = times.table()[graph.server, graph.blocks]
+    cost = np.maximum(ready - view.now, 0.0) + hop_service_array(scenario, table, request, graph.server,
+                                                                  graph.blocks)
+    found = cheapest(graph, cost)
+    if found is None:
         raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
-    return RoutingDecision(chosen, max(free_at[(h.server, h.blocks)] for h in chosen.hops))
+    chosen, edges = found
+    return RoutingDecision(chosen, max(view.now, float(ready[edges].max())))
 
 
 def choose_R(scenario: Scenario, rate: float | None = None) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
 from blockswarm.perf.model import route_time
+from blockswarm.planner.freetimes import FreeTimes
 from blockswarm.planner.registry import ROUTERS, WAITING_ROUTERS, decide
 from blockswarm.planner.routing import block_index, has_room
 from blockswarm.planner.view import ActiveBySession, SwarmView
@@ -54,17 +55,18 @@ class World:
         if self.router not in ROUTERS:
             raise Infeasible(f"unknown routing {self.router!r}; choose one of {', '.join(ROUTERS)}")
         self._route = ROUTERS[self.router]
-        self._index = block_index(self.placement)
-        self._memo: dict = {}
         self._active_view = ActiveBySession(self.active)
+        self._set_placement(self.placement)
         self._held_total = 0
 
     # -- views and bookkeeping ----------------------------------------------------------------
     def view(self, now: float) -> SwarmView:
-        return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used, self._memo)
+        return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used, self._memo,
+                         self._free_times)
 
     def _change_held(self, server: int, delta: int, now: float) -> None:
         self.used[server] = self.used.get(server, 0) + delta
+        self._free_times.mark(server)
         self._held_total += delta
         self.occupancy.append((now, self._held_total))
 
@@ -187,3 +189,4 @@ class World:
         self.placement = placement
         self._index = block_index(placement)
         self._memo = {}
+        self._free_times = FreeTimes(placement, len(self.scenario.servers), self._active_view, self.used)
