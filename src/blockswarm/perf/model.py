@@ -70,8 +70,13 @@ class ServerTable:
                    np.array([s.prefill_base_s for s in servers]),
                    np.array([[net.rtt(c.location, s.location) for s in servers] for c in scenario.clients]))
 
+    def select(self, servers: np.ndarray) -> ServerTable:
+        """The table's rows for `servers` (repeats allowed): one entry per hop of a routing graph."""
+        return ServerTable(self.decode_s[servers], self.prefill_s_per_token[servers], self.prefill_base_s[servers],
+                           self.rtt_s[:, servers])
 
-def hop_service_array(scenario: Scenario, table: ServerTable, request: Request, servers: np.ndarray,
+
+def hop_service_array(scenario: Scenario, table: ServerTable, request: Request, servers: np.ndarray | slice,
                       blocks: np.ndarray) -> np.ndarray:
     """`hop_service_s` of many (server, blocks) hops at once, bit for bit: the same operations in
     the same order (a test holds it), so that a vectorized router decides exactly as a scalar one."""

@@ -86,16 +86,16 @@ def shortest_route(placement: Placement, hop_cost: HopCost, index: tuple | None 
 class BoundaryGraph:
     """The same DAG as arrays, for routers that price every hop of a decision in one numpy step.
     Nodes are `start` and every span end after it (no other boundary is ever reached, so hops
-    entering elsewhere are left out); edges are grouped by the node they reach, in increasing
-    order, and inside a group ordered by entry boundary, then by span order: Dijkstra's relaxation
-    order, so that `cheapest` resolves ties as `shortest_route` does."""
+    entering elsewhere are left out). Edges are cut into segments, one per (target node, source
+    node), ordered by target, then source, and inside a segment in span order: Dijkstra's
+    relaxation order, so that `cheapest` resolves ties as `shortest_route` does."""
 
     boundaries: tuple[int, ...]  # node -> block boundary; node 0 is `start`, the last is L
-    source: np.ndarray  # edge -> the node it leaves
-    server: np.ndarray
+    server: np.ndarray  # edge -> server
     entry: np.ndarray  # edge -> the boundary it enters its server at
-    blocks: np.ndarray  # edge -> blocks it computes (span end − entry)
-    groups: tuple[tuple[int, int], ...]  # node i + 1 -> slice of the edges reaching it
+    blocks: np.ndarray  # edge -> blocks it computes (its span's end − entry)
+    segments: tuple[tuple[int, int, int, int], ...]  # (target node, source node, first edge, end edge)
+    segment_starts: np.ndarray  # each segment's first edge (for np.minimum.reduceat)
 
 
 def boundary_graph(placement: Placement, start: int = 0) -> BoundaryGraph:
@@ -103,50 +103,46 @@ def boundary_graph(placement: Placement, start: int = 0) -> BoundaryGraph:
     boundaries = sorted({start} | {s.end for s in placement.spans if s.end > start})
     if boundaries[-1] != L:
         boundaries.append(L)  # unreachable: no edge reaches it, and `cheapest` says so
-    node = {b: i for i, b in enumerate(boundaries)}
     ending: dict[int, list] = {}
     for span in placement.spans:
         ending.setdefault(span.end, []).append(span)
-    source, server, entry, blocks, groups = [], [], [], [], []
-    for end in boundaries[1:]:
-        first = len(server)
-        for b in boundaries:
-            if b >= end:
-                break
+    server, entry, blocks, segments = [], [], [], []
+    for target, end in enumerate(boundaries[1:], 1):
+        for source, b in enumerate(boundaries[:target]):
+            first = len(server)
             for span in ending.get(end, ()):
                 if span.start <= b:
-                    source.append(node[b]), server.append(span.server), entry.append(b), blocks.append(end - b)
-        groups.append((first, len(server)))
+                    server.append(span.server), entry.append(b), blocks.append(end - b)
+            if len(server) > first:
+                segments.append((target, source, first, len(server)))
     as_array = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
-    return BoundaryGraph(tuple(boundaries), as_array(source), as_array(server), as_array(entry), as_array(blocks),
-                         tuple(groups))
+    return BoundaryGraph(tuple(boundaries), as_array(server), as_array(entry), as_array(blocks), tuple(segments),
+                         as_array([segment[2] for segment in segments]))
 
 
 def cheapest(graph: BoundaryGraph, cost: np.ndarray) -> tuple[Route, list[int]] | None:
     """The cheapest route through `graph` with `cost` per edge (math.inf forbids an edge) and the
-    edges it takes; None when nothing reaches L. A DAG in boundary order, so one pass suffices."""
-    best = np.full(len(graph.boundaries), math.inf)
+    edges it takes; None when nothing reaches L. The graph is a DAG in boundary order, so one pass
+    over its segments suffices, each priced by its cheapest edge (rounding is monotone, so
+    best + min(cost) is the min of best + cost); numpy finds the edge only on the chosen route."""
+    nodes = len(graph.boundaries)
+    best, via = [math.inf] * nodes, [-1] * nodes
     best[0] = 0.0
-    chosen = [-1] * len(graph.boundaries)
-    for target, (lo, hi) in enumerate(graph.groups, 1):
-        if lo == hi:
-            continue
-        sources = graph.source[lo:hi]
-        totals = best[sources] + cost[lo:hi]
-        i = int(totals.argmin())
-        total = totals[i]
-        if total == math.inf:
-            continue
-        ties = np.flatnonzero(totals == total)
-        if len(ties) > 1:  # Dijkstra keeps the first relaxation: from the source it settled first
-            i = int(ties[best[sources[ties]].argmin()])  # (cheapest, then lowest boundary, then span order)
-        best[target], chosen[target] = total, lo + i
-    if chosen[-1] < 0:
+    cheapest_in = np.minimum.reduceat(cost, graph.segment_starts).tolist() if graph.segments else []
+    for k, (target, source, _, _) in enumerate(graph.segments):
+        total = best[source] + cheapest_in[k]
+        if total < best[target] or (total == best[target] != math.inf
+                                    and best[source] < best[graph.segments[via[target]][1]]):
+            # Dijkstra keeps the first relaxation: from the source it settled first (cheapest, then
+            # lowest boundary; segments come by boundary, so an equal one later never replaces it)
+            best[target], via[target] = total, k
+    if via[-1] < 0:
         return None
-    hops, edges, target = [], [], len(graph.boundaries) - 1
+    hops, edges, target = [], [], nodes - 1
     while target != 0:
-        edge = chosen[target]
+        _, source, first, end = graph.segments[via[target]]
+        edge = first + int((best[source] + cost[first:end]).argmin())  # the first in span order
         edges.append(edge)
         hops.append(Hop(int(graph.server[edge]), int(graph.entry[edge]), graph.boundaries[target]))
-        target = int(graph.source[edge])
+        target = source
     return Route(tuple(hops[::-1])), edges[::-1]

@@ -21,6 +21,9 @@ from blockswarm.planner.routing import boundary_graph, cheapest, has_room, memo_
 from blockswarm.planner.view import SwarmView
 
 
+EVERY = slice(None)  # all entries of a table selected per edge
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
     route: Route
@@ -41,16 +44,15 @@ def route(view: SwarmView, request: Request, start: int = 0) -> RoutingDecision:
     graph = memo.get(("wsrr-graph", start))
     if graph is None:
         graph = memo[("wsrr-graph", start)] = boundary_graph(view.placement, start)
-    kept = memo.get("server-table")  # the memo follows the placement; servers may join the scenario meanwhile
-    table = kept[1] if kept is not None and kept[0] is scenario else None
-    if table is None:
-        table = ServerTable.of(scenario)
-        memo["server-table"] = (scenario, table)
+    # the servers' constants per edge of the graph (a table whose "servers" are the edges); the memo
+    # follows the placement, and servers may join the scenario meanwhile, hence the identity check
+    kept = memo.get(("wsrr-edges", start))
+    if kept is None or kept[0] is not scenario:
+        kept = memo[("wsrr-edges", start)] = (scenario, ServerTable.of(scenario).select(graph.server))
     times = view.free_times if view.free_times is not None else FreeTimes.of_view(view)
     # every hop priced at once: its wait for slots (an absolute free time, so max(now, ·)) + its service
     ready = times.table()[graph.server, graph.blocks]
-    cost = np.maximum(ready - view.now, 0.0) + hop_service_array(scenario, table, request, graph.server,
-                                                                  graph.blocks)
+    cost = np.maximum(ready - view.now, 0.0) + hop_service_array(scenario, kept[1], request, EVERY, graph.blocks)
     found = cheapest(graph, cost)
     if found is None:
         raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
