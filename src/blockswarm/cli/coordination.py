@@ -39,10 +39,12 @@ def coordinator(
     _require(r is None or r >= 1, f"--R must be at least 1 (or left out), got {r}")
     _require(session_tokens >= 2, f"--session-tokens must be at least 2, got {session_tokens}")
     _require(hop_overhead_ms >= 0, f"--hop-overhead-ms must be >= 0, got {hop_overhead_ms}")
-    from blockswarm.planner.registry import parse_policy
+    from blockswarm.planner.registry import QUEUE_ROUTERS, parse_policy
 
     try:
-        parse_policy(policy)
+        if parse_policy(policy)[1] in QUEUE_ROUTERS:
+            _fail(f"--policy {policy} dispatches from a central queue, which the coordinator does not run yet; "
+                  "use petals, cgbprr or another PLACEMENT+ROUTING pair")
     except BlockswarmError as exc:
         _fail(str(exc))
     with _interruptible("interrupted; the coordinator stopped"):

@@ -4,7 +4,15 @@ and `plan`: one offline decision (placement + a route per client) with its predi
 Placements and routers are registered separately so that callers can pair them
 (`PLACEMENT+ROUTING`); shorthands name the published pairs, with one meaning everywhere:
 `petals` = PETALS placement and routing, `cgbprr` = CG-BP placement with WS-RR routing (`wsrr`
-is kept as another name for it). `plan` also knows the exact policies `milp` and `rr-ilp`.
+is kept as another name for it), `chains` = GBP-CR placement (c tuned) + GCA chains + JFFC
+dispatch from one central FIFO queue, `jffc-whole` = JFFC over servers that each hold the whole
+model. `plan` also knows the exact policies `milp` and `rr-ilp`.
+
+Routers differ in how a request waits, and callers follow the sets below: WAITING_ROUTERS answer
+with a route whose cache may free up later (the caller reserves at once and starts then);
+QUEUE_ROUTERS answer None when the request must wait in the caller's one central FIFO queue (a
+completion hands its slot to the head); the others answer a route, and the caller queues the
+request until that route has room.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import Callable
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Placement, Request, Route, Scenario
 from blockswarm.perf.model import default_request, route_time
-from blockswarm.planner import cgbprr, petals, wsrr
+from blockswarm.planner import cgbprr, chains, petals, wsrr
 from blockswarm.planner.view import SwarmView
 
 
@@ -31,18 +39,27 @@ def _route_wsrr(view: SwarmView, request: Request, start: int = 0) -> Route:
     return wsrr.route(view, request, start).route
 
 
-# placement(scenario, R, seed) -> Placement; R is what CG-BP sizes for (PETALS ignores it), the
-# seed is PETALS' join order (CG-BP ignores it)
-PLACEMENTS: dict[str, Callable[..., Placement]] = {"petals": _place_petals, "cgbp": _place_cgbp}
-ROUTERS: dict[str, Callable[..., Route]] = {  # (view, request, start=0) -> Route
-    "petals": petals.route, "shortest": cgbprr.route, "wsrr": _route_wsrr,
+def _place_gbpcr(scenario: Scenario, R: int | None = None, seed: int | None = None) -> Placement:
+    return chains.gbp_cr(scenario, chains.tune_c(scenario))
+
+
+def _place_whole(scenario: Scenario, R: int | None = None, seed: int | None = None) -> Placement:
+    return chains.whole_model(scenario)
+
+
+# placement(scenario, R, seed) -> Placement; R is what CG-BP sizes for (the others ignore it), the
+# seed is PETALS' join order (the others ignore it)
+PLACEMENTS: dict[str, Callable[..., Placement]] = {"petals": _place_petals, "cgbp": _place_cgbp,
+                                                   "gbpcr": _place_gbpcr, "whole": _place_whole}
+ROUTERS: dict[str, Callable[..., Route | None]] = {  # (view, request, start=0) -> Route (None: queue)
+    "petals": petals.route, "shortest": cgbprr.route, "wsrr": _route_wsrr, "jffc": chains.jffc,
 }
-# routers that may answer with a route whose cache frees up later: the caller reserves at once
-# and starts the request then (the others' callers queue the request until its route has room)
 WAITING_ROUTERS = frozenset({"wsrr"})
-SHORTHANDS = {"petals": "petals+petals", "cgbprr": "cgbp+wsrr", "wsrr": "cgbp+wsrr"}
+QUEUE_ROUTERS = frozenset({"jffc"})
+SHORTHANDS = {"petals": "petals+petals", "cgbprr": "cgbp+wsrr", "wsrr": "cgbp+wsrr", "chains": "gbpcr+jffc",
+              "jffc-whole": "whole+jffc"}
 EXACT = ("milp", "rr-ilp")
-POLICIES = ("petals", "cgbprr", "wsrr", *EXACT)  # plan's named policies; any PLACEMENT+ROUTING pair too
+POLICIES = ("petals", "cgbprr", "wsrr", "chains", "jffc-whole", *EXACT)  # plan's named policies; any PLACEMENT+ROUTING pair too
 
 
 def parse_policy(name: str) -> tuple[str, str]:
@@ -55,12 +72,14 @@ def parse_policy(name: str) -> tuple[str, str]:
     return placement, routing
 
 
-def decide(routing: str, view: SwarmView, request: Request, start: int = 0) -> wsrr.RoutingDecision:
+def decide(routing: str, view: SwarmView, request: Request, start: int = 0) -> wsrr.RoutingDecision | None:
     """A route (from block boundary `start`: a tail, when a hop failed) and when it may start (now,
-    unless the router waits for cache: see WAITING_ROUTERS)."""
+    unless the router waits for cache: see WAITING_ROUTERS); None when the request must wait in
+    the central queue (QUEUE_ROUTERS)."""
     if routing == "wsrr":
         return wsrr.route(view, request, start)
-    return wsrr.RoutingDecision(ROUTERS[routing](view, request, start), view.now)
+    route = ROUTERS[routing](view, request, start)
+    return None if route is None else wsrr.RoutingDecision(route, view.now)
 
 
 @dataclass
@@ -126,6 +145,15 @@ def plan(scenario: Scenario, policy: str, R: int | None = None, milp_requests: i
             routes = {c: router(view, default_request(scenario, c)) for c in clients}
             return PlanResult(policy, scenario, placement, routes, petals_concurrency(placement),
                               notes=["PETALS sizes its cache without regard to R; R is what its caches hold"])
+        if placement_name != "cgbp":  # the central-queue placements: chains with their capacities
+            placement = PLACEMENTS[placement_name](scenario)
+            view = SwarmView(scenario, placement)
+            routes = {c: router(view, default_request(scenario, c)) or cgbprr.route(view, default_request(scenario, c))
+                      for c in clients}
+            found = chains.gca(scenario, placement)
+            return PlanResult(policy, scenario, placement, routes, sum(chain.capacity for chain in found),
+                              notes=[f"{len(found)} chains (GCA) carrying {sum(c.capacity for c in found)} requests "
+                                     "at once; R is that total; each client's route is the fastest chain"])
         R = R or wsrr.choose_R(scenario)
         result = cgbprr.place(scenario, R)
         view = SwarmView(scenario, result.placement)

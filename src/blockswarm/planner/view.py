@@ -20,6 +20,7 @@ class SwarmView:
     used: Mapping[int, int] | None = None  # slots held per server, when the caller keeps the sums
     memo: dict | None = None  # scratch space for routers, valid for this placement (caller clears it)
     free_times: object | None = None  # a planner.freetimes.FreeTimes over `active`, when the caller keeps one
+    routes_in_flight: Mapping | None = None  # Route -> sessions running or reserved on it (central-queue policies)
 
     def free_slots(self, server: int) -> int:
         span = self.placement.span_of(server)

@@ -3,7 +3,8 @@
 The world decides nothing itself: routes come from the planner's policies through a SwarmView
 built from this state. Waiting follows the router: WS-RR reserves slots at once and starts when
 they free up; PETALS backs off 1, 2, 4 … 60 s and retries when a server on its route is full;
-other routers wait in a FIFO queue that is retried whenever cache frees up.
+other routers (and the central-queue ones, QUEUE_ROUTERS, when every chain is full) wait in one
+FIFO queue whose head is retried whenever cache frees up.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class World:
     waiting: deque = field(default_factory=deque)  # requests waiting for cache (FIFO routers, no route)
     slot_seconds: dict[int, float] = field(default_factory=dict)
     occupancy: list[tuple[float, int]] = field(default_factory=list)  # (time, slots held in the swarm)
+    in_flight: dict[Route, int] = field(default_factory=dict)  # sessions running or reserved per route
     generation: int = 0
 
     def __post_init__(self):
@@ -62,7 +64,7 @@ class World:
     # -- views and bookkeeping ----------------------------------------------------------------
     def view(self, now: float) -> SwarmView:
         return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used, self._memo,
-                         self._free_times)
+                         self._free_times, self.in_flight)
 
     def _change_held(self, server: int, delta: int, now: float) -> None:
         self.used[server] = self.used.get(server, 0) + delta
@@ -76,6 +78,7 @@ class World:
         session = Session(request, route, self.generation, now, start, timing.ttft_s, timing.per_token_s,
                           start + timing.completion_s)
         self.sessions[request.request_id] = session
+        self.in_flight[route] = self.in_flight.get(route, 0) + 1
         for hop in route.hops:
             self.active.setdefault(hop.server, {})[request.request_id] = (session.end, hop.blocks)
             self._change_held(hop.server, hop.blocks, now)
@@ -90,6 +93,9 @@ class World:
             self.slot_seconds[hop.server] = self.slot_seconds.get(hop.server, 0.0) + hop.blocks * (
                 now - session.reserved_at)
         del self.sessions[session.request.request_id]
+        left = self.in_flight.pop(session.route) - 1
+        if left:
+            self.in_flight[session.route] = left
 
     def _current(self, request_id: int, generation: int) -> Session | None:
         session = self.sessions.get(request_id)
@@ -108,6 +114,9 @@ class World:
                 return self._reserve(request, decision.route, now, decision.start_s)
             route = self._route(view, request)
         except Infeasible:  # no route at all right now (a server is down): wait for a join
+            self.waiting.append(request)
+            return []
+        if route is None:  # a central-queue router: every chain is full, wait in the FIFO
             self.waiting.append(request)
             return []
         if has_room(view, route):

@@ -25,7 +25,7 @@ from blockswarm.core.specs import (
 )
 from blockswarm.perf.model import route_time
 from blockswarm.planner import live
-from blockswarm.planner.registry import decide, parse_policy
+from blockswarm.planner.registry import QUEUE_ROUTERS, decide, parse_policy
 from blockswarm.planner.view import SwarmView
 from blockswarm.runtime.coordinator.liveview import LiveView
 from blockswarm.runtime.coordinator.placing import Placing
@@ -59,6 +59,9 @@ class Swarm(LiveView, Placing):
 
     def __post_init__(self):
         self.placement_name, self.routing = parse_policy(self.config.policy)
+        if self.routing in QUEUE_ROUTERS:
+            raise ConfigError(f"policy {self.config.policy!r} dispatches from a central queue, which the coordinator "
+                              "does not run yet; serve with petals, cgbprr or another PLACEMENT+ROUTING pair")
         self._cache: dict = {}  # scenario, indices, placement, view parts; cleared on any change
         self._cache_R: dict = {}  # when R was last checked and last acted on
         self._targets: dict[str, Span] = {}  # moves of a re-placement still to make
