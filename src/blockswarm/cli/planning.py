@@ -9,6 +9,11 @@ import typer
 from blockswarm.cli.common import _check_writable, _fail, _interruptible, _require, _write_json, _writing, app
 
 
+WORKERS_HELP = "Local processes to run the independent runs on (0: one per core; 1: in this process)."
+RAY_HELP = ("Run them on a Ray cluster instead: `local` (a private instance here), `auto` (the cluster this "
+            "machine is in) or ray://HOST:10001. Needs the ray extra. Results equal the serial run's.")
+
+
 def _names(policies: str) -> list[str]:
     """Policy names, each checked before the first simulation runs (not after the others finished)."""
     from blockswarm.core.errors import ConfigError
@@ -94,12 +99,18 @@ def simulate(
                                         "[,client]) instead of generating arrivals."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write per-policy results as JSON here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG comparing the policies here."),
+    workers: int = typer.Option(0, help=WORKERS_HELP),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
 ):
-    """Simulate the scenario's workload under each policy; print a table, optionally JSON and a plot."""
+    """Simulate the scenario's workload under each policy; print a table, optionally JSON and a plot.
+
+    Example: blockswarm simulate scenarios/clustered-9.yaml --policies petals,cgbprr,chains --seeds 5 --json out.json
+    """
     _check_overrides(seeds, requests, rate=rate, output_tokens=output_tokens)
     _require(burstiness > 0, f"--burstiness is the gaps' coefficient of variation and must be > 0 "
                              f"(1 = Poisson, above 1 burstier), got {burstiness}")
     names = _names(policies)
+    fanout = _fanout(workers, ray)
     _check_writable(json_path, "--json")
     _check_writable(plot, "--plot")
     from rich.console import Console
@@ -122,7 +133,8 @@ def simulate(
                 loaded = fit_to_requests(loaded, options["requests"])
             with _progress("simulating") as progress:
                 task = progress.add_task("runs", total=len(names) * seeds)
-                table = compare(loaded, names, seeds, progress=lambda: progress.advance(task), **options)
+                table = compare(loaded, names, seeds, progress=lambda: progress.advance(task), fanout=fanout,
+                                **options)
         except BlockswarmError as exc:
             _fail(str(exc))
     w = loaded.workload
@@ -145,6 +157,18 @@ def simulate(
 
         with _writing(plot, "--plot"):
             plot_comparison(table, f"{loaded.name}, {w.rate} req/s, {w.output_tokens} tokens", plot)
+
+
+def _fanout(workers: int, ray: Optional[str]):
+    """Where the runs execute; the numbers do not depend on it."""
+    _require(workers >= 0, f"--workers must be 0 (one per core) or a number of processes, got {workers}")
+    if ray:
+        from blockswarm.rayfanout import RayFanout
+
+        return RayFanout(ray, workers)
+    from blockswarm.sim.fanout import LocalFanout
+
+    return LocalFanout(workers)
 
 
 def _check_overrides(seeds: int, requests: Optional[int], rate: Optional[float] = None,
@@ -188,15 +212,21 @@ def sweep(
     requests: Optional[int] = typer.Option(None, help="Override the number of requests per run."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the curves as JSON here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG of the curves here."),
+    workers: int = typer.Option(0, help=WORKERS_HELP),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
 ):
-    """Vary one parameter and plot the mean per-token time per policy."""
+    """Vary one parameter and plot the mean per-token time per policy.
+
+    Example: blockswarm sweep scenarios/clustered-9.yaml --parameter rate --values 0.1,0.5,1 --policies petals,cgbprr
+    """
     points = _sweep_points(parameter, values)
     _check_overrides(seeds, requests)
     names = _names(policies)
+    fanout = _fanout(workers, ray)
     _check_writable(json_path, "--json")
     _check_writable(plot, "--plot")
     from blockswarm.core.errors import BlockswarmError
-    from blockswarm.sim.experiments import compare, vary
+    from blockswarm.sim.experiments import compare_many, vary
 
     curves: dict[str, list] = {name: [] for name in names}
     with _interruptible("interrupted; nothing written"):
@@ -204,9 +234,9 @@ def sweep(
             base = _load_for_sim(scenario, None, None, requests, None, 0)
             with _progress(f"sweeping {parameter}") as progress:
                 task = progress.add_task("runs", total=len(points) * len(names) * seeds)
-                for value in points:
-                    table = compare(vary(base, parameter, value), names, seeds,
-                                    progress=lambda: progress.advance(task))
+                tables = compare_many([vary(base, parameter, value) for value in points], names, seeds,
+                                      progress=lambda: progress.advance(task), fanout=fanout)
+                for value, table in zip(points, tables):
                     for name in names:
                         curves[name].append((value, table[name]["mean_per_token_s"],
                                              table[name]["mean_per_token_s_ci95"]))

@@ -7,8 +7,9 @@ from typing import Callable
 
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Scenario
+from blockswarm.sim.fanout import Fanout, LocalFanout, Run
 from blockswarm.sim.metrics import confidence_interval, downsample
-from blockswarm.sim.runner import SimResult, simulate, with_workload
+from blockswarm.sim.runner import SimResult, with_workload
 
 REPORTED = ("mean_per_token_s", "mean_ttft_s", "p90_per_token_s", "p99_per_token_s", "mean_wait_s", "mean_tpot_s",
             "mean_completion_s", "throughput_rps", "utilisation", "cache_occupancy_mean", "cache_occupancy_peak")
@@ -16,24 +17,33 @@ SWEEPABLE = ("servers", "rate", "output", "fast-share")
 
 
 def compare(scenario: Scenario, policies: list[str], seeds: int, progress: Callable[[], None] | None = None,
-            **options) -> dict[str, dict]:
-    """policy -> {metric: mean, metric_ci95: half-width, n_requests, per_seed: [...]}, plus raw results."""
-    table = {}
-    for policy in policies:
-        runs: list[SimResult] = []
-        for seed in range(seeds):
-            runs.append(simulate(scenario, policy, seed=seed, **options))
-            if progress:
-                progress()
-        row: dict = {"n_requests": sum(r.summary["n_requests"] for r in runs), "seeds": seeds,
-                     "R": runs[0].R, "events": sum(r.events for r in runs)}
-        for metric in REPORTED:
-            mean, half = confidence_interval([r.summary[metric] for r in runs])
-            row[metric], row[f"{metric}_ci95"] = mean, half
-        row["per_token_samples"] = [rec.per_token_s for r in runs for rec in r.records if rec.completion is not None]
-        row["cache_occupancy_over_time"] = downsample(runs[0].occupancy, runs[0].capacity_slots)  # first seed
-        table[policy] = row
-    return table
+            fanout: Fanout | None = None, **options) -> dict[str, dict]:
+    """policy -> {metric: mean, metric_ci95: half-width, n_requests, per_seed: [...]}, plus raw results.
+    The runs go through `fanout` (serial by default); the table does not depend on where they ran."""
+    return compare_many([scenario], policies, seeds, progress, fanout, **options)[0]
+
+
+def compare_many(scenarios: list[Scenario], policies: list[str], seeds: int,
+                 progress: Callable[[], None] | None = None, fanout: Fanout | None = None,
+                 **options) -> list[dict[str, dict]]:
+    """`compare` for several scenarios (a sweep's points) in one batch, so that every run of every
+    point can go out at once."""
+    runs = [Run(scenario, policy, seed, options) for scenario in scenarios for policy in policies
+            for seed in range(seeds)]
+    results = iter((fanout or LocalFanout(workers=1)).map(runs, progress))
+    return [{policy: _row([next(results) for _ in range(seeds)], seeds) for policy in policies}
+            for _ in scenarios]
+
+
+def _row(runs: list[SimResult], seeds: int) -> dict:
+    row: dict = {"n_requests": sum(r.summary["n_requests"] for r in runs), "seeds": seeds,
+                 "R": runs[0].R, "events": sum(r.events for r in runs)}
+    for metric in REPORTED:
+        mean, half = confidence_interval([r.summary[metric] for r in runs])
+        row[metric], row[f"{metric}_ci95"] = mean, half
+    row["per_token_samples"] = [rec.per_token_s for r in runs for rec in r.records if rec.completion is not None]
+    row["cache_occupancy_over_time"] = downsample(runs[0].occupancy, runs[0].capacity_slots)  # first seed
+    return row
 
 
 def vary(scenario: Scenario, parameter: str, value: float) -> Scenario:
