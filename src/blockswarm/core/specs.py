@@ -80,10 +80,31 @@ class WorkloadSpec:
     max_prompt_tokens: int = 20  # lᴵ_max
     max_output_tokens: int = 128  # l_max
     seed: int = 0
+    # "poisson" (Python's RNG, seeded by the run's seed) or "matlab": the published simulator's stream,
+    # numpy's RandomState(matlab_seed + run seed) skipping `matlab_skip` uniforms, gaps −log(u)/λ, the
+    # first gap 0 (published-runs.md §A)
+    arrivals: str = "poisson"
+    matlab_seed: int = 42
+    matlab_skip: int = 0
 
     @property
     def max_tokens(self) -> int:
         return self.max_prompt_tokens + self.max_output_tokens
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """Where published studies' swarms behave differently from ours (published-runs.md), as
+    scenario fields rather than code: the "published" profile sets the first three to what the
+    authors' simulator does; the default profile leaves every one off."""
+
+    profile: str = "default"
+    # policy name (as given, or its PLACEMENT+ROUTING) -> seconds each request waits, holding its
+    # cache slots, before its prefill starts; not part of the request time R is chosen from
+    allocation_delay_s: dict[str, float] = field(default_factory=dict)
+    backoff_rounding: bool = False  # WS-RR clients poll with PETALS' back-off: waits end at 1, 3, 7, 15, … s
+    max_blocks: dict[str, int] = field(default_factory=dict)  # hardware -> cap on a server's blocks (CG-BP)
+    petals_join_order: tuple[int, ...] | None = None  # server indices in join order; None: random per seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +115,7 @@ class Scenario:
     clients: tuple[ClientSpec, ...]
     network: NetworkSpec
     workload: WorkloadSpec
+    behaviour: Behaviour = Behaviour()
 
     @property
     def session_cache_bytes(self) -> float:

@@ -18,6 +18,13 @@ is the performance model's job (perf/hardware.py). Format (see scenarios/cluster
       prefill_ms_per_token: 0.7049
       setup_ms: 70
     workload: {rate: 0.1, requests: 100, prompt_tokens: 20, output_tokens: 128}
+    # optional: how the published studies' swarms behaved (published-runs.md), all off by default
+    behaviour:
+      profile: published                     # = the three lines below
+      allocation_delay_s: {cgbprr: 60, petals: 250}
+      backoff_rounding: true                 # WS-RR waits end at PETALS' back-off instants 1, 3, 7, 15 … s
+      max_blocks: {mig-1g.10gb: 4}           # CG-BP's cap per hardware
+      petals_join_order: [7, 2, 5, 0, 4, 1, 6, 8, 3]   # server indices; default: random per seed
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import yaml
 
 from blockswarm.core.catalogue import MODELS
 from blockswarm.core.errors import ConfigError
-from blockswarm.core.specs import ClientSpec, ModelSpec, NetworkSpec, Scenario, ServerSpec, WorkloadSpec
+from blockswarm.core.specs import Behaviour, ClientSpec, ModelSpec, NetworkSpec, Scenario, ServerSpec, WorkloadSpec
 from blockswarm.perf.hardware import block_times, hardware
 from blockswarm.perf.network import STRETCH, rtt_from_coordinates
 
@@ -54,7 +61,43 @@ def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
     locations = {s.location for s in servers} | {c.location for c in clients}
     network = _network(_mapping(data.get("network"), "network"), locations)
     workload = _workload(_mapping(data.get("workload", {}), "workload"))
-    return Scenario(str(data.get("name", Path(source).stem)), model, servers, clients, network, workload)
+    behaviour = _behaviour(_mapping(data.get("behaviour", {}), "behaviour"), servers)
+    return Scenario(str(data.get("name", Path(source).stem)), model, servers, clients, network, workload, behaviour)
+
+
+# What the published clustered runs did beyond their inputs (published-runs.md §A)
+PUBLISHED = dict(allocation_delay_s={"cgbprr": 60.0, "petals": 250.0}, backoff_rounding=True,
+                 max_blocks={"mig-1g.10gb": 4})
+
+
+def _behaviour(data: dict, servers: tuple[ServerSpec, ...]) -> Behaviour:
+    known = {"profile", "allocation_delay_s", "backoff_rounding", "max_blocks", "petals_join_order"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"behaviour.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
+    profile = data.get("profile", "default")
+    if profile not in ("default", "published"):
+        raise ConfigError(f"behaviour.profile: must be default or published, got {profile!r}")
+    values = dict(PUBLISHED) if profile == "published" else {}
+    if "allocation_delay_s" in data:
+        delays = _mapping(data["allocation_delay_s"], "behaviour.allocation_delay_s")
+        values["allocation_delay_s"] = {str(k): float(_number(delays, k, "behaviour.allocation_delay_s"))
+                                        for k in delays}
+    if "backoff_rounding" in data:
+        if not isinstance(data["backoff_rounding"], bool):
+            raise ConfigError(f"behaviour.backoff_rounding: must be true or false, got {data['backoff_rounding']!r}")
+        values["backoff_rounding"] = data["backoff_rounding"]
+    if "max_blocks" in data:
+        caps = _mapping(data["max_blocks"], "behaviour.max_blocks")
+        values["max_blocks"] = {str(k): _number(caps, k, "behaviour.max_blocks", minimum=1, integer=True)
+                                for k in caps}
+    if "petals_join_order" in data:
+        order = data["petals_join_order"]
+        if not isinstance(order, list) or sorted(order) != list(range(len(servers))):
+            raise ConfigError(f"behaviour.petals_join_order: must list every server index 0..{len(servers) - 1} "
+                              f"once, got {order!r}")
+        values["petals_join_order"] = tuple(order)
+    return Behaviour(profile=profile, **values)
 
 
 def _mapping(value, field: str) -> dict:
@@ -195,4 +238,14 @@ def _workload(data: dict) -> WorkloadSpec:
         max_prompt_tokens=_number(data, "max_prompt_tokens", "workload", prompt, minimum=prompt, integer=True),
         max_output_tokens=_number(data, "max_output_tokens", "workload", output, minimum=output, integer=True),
         seed=_number(data, "seed", "workload", 0, integer=True),
+        arrivals=_choice(data, "arrivals", "workload", ("poisson", "matlab")),
+        matlab_seed=_number(data, "matlab_seed", "workload", 42, integer=True),
+        matlab_skip=_number(data, "matlab_skip", "workload", 0, integer=True),
     )
+
+
+def _choice(data: dict, key: str, field: str, choices: tuple[str, ...]) -> str:
+    value = data.get(key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{field}.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value

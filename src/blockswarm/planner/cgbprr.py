@@ -25,9 +25,11 @@ class CgbpResult:
 
 
 def conservative_blocks(scenario: Scenario, server: int, R: int) -> int:
-    """m_j = min(⌊M_j / (s_m + s_c·R)⌋, L)."""
+    """m_j = min(⌊M_j / (s_m + s_c·R)⌋, L), and at most the scenario's cap for the server's hardware."""
     per_block = scenario.model.block_bytes + scenario.session_cache_bytes * R
-    return min(int(scenario.servers[server].memory_bytes // per_block), scenario.model.num_blocks)
+    spec = scenario.servers[server]
+    cap = scenario.behaviour.max_blocks.get(spec.hardware, scenario.model.num_blocks)
+    return min(int(spec.memory_bytes // per_block), scenario.model.num_blocks, cap)
 
 
 def guaranteed_sessions(scenario: Scenario, server: int, blocks: int) -> int:

@@ -46,7 +46,10 @@ def throughput(scenario: Scenario, server: int, blocks: int) -> float:
 def place(scenario: Scenario, seed: int | None = None) -> Placement:
     L = scenario.model.num_blocks
     order = list(range(len(scenario.servers)))
-    random.Random(scenario.workload.seed if seed is None else seed).shuffle(order)
+    if scenario.behaviour.petals_join_order is not None:  # pinned (a published run's), else random per seed
+        order = list(scenario.behaviour.petals_join_order)
+    else:
+        random.Random(scenario.workload.seed if seed is None else seed).shuffle(order)
     per_block = [0.0] * L
     spans = []
     for server in order:

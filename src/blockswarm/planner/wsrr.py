@@ -7,6 +7,7 @@ that hop (prefill + decode terms of §2). The caller reserves the slots along th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -66,8 +67,10 @@ def choose_R(scenario: Scenario, rate: float | None = None) -> int:
     largest = cgbprr.max_feasible_R(scenario)
     if largest == 0:
         raise Infeasible("the swarm cannot hold the model plus one request's cache; add servers or memory")
-    plan = cgbprr.place(scenario, 1)
-    view = SwarmView(scenario, plan.placement)
+    # T̄ comes from the plan without the scenario's block caps (as the published simulator estimates it)
+    uncapped = dataclasses.replace(scenario, behaviour=dataclasses.replace(scenario.behaviour, max_blocks={}))
+    plan = cgbprr.place(uncapped, 1)
+    view = SwarmView(uncapped, plan.placement)
     times = []
     for client in range(len(scenario.clients)):
         request = default_request(scenario, client)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Request, Scenario
 from blockswarm.planner import wsrr
-from blockswarm.planner.registry import PLACEMENTS, parse_policy
+from blockswarm.planner.registry import PLACEMENTS, SHORTHANDS, parse_policy
 from blockswarm.sim.engine import Engine
 from blockswarm.sim.events import Arrival, ServerFailure, ServerJoin
 from blockswarm.sim.metrics import RequestRecord, occupancy_stats, summarize
@@ -41,6 +41,13 @@ class SimResult:
     events: int
     wall_s: float
     R: int | None
+
+
+def allocation_delay(delays: dict[str, float], policy: str) -> float:
+    """The delay a scenario sets for `policy`, named as given or by an equivalent name (cgbprr =
+    cgbp+wsrr = wsrr)."""
+    full = SHORTHANDS.get(policy, policy)
+    return next((delay for name, delay in delays.items() if SHORTHANDS.get(name, name) == full), 0.0)
 
 
 def with_workload(scenario: Scenario, rate: float | None = None, output_tokens: int | None = None,
@@ -82,7 +89,10 @@ def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Requ
     if too_long:
         raise ConfigError(f"{len(too_long)} requests are longer than the workload's max_prompt_tokens + "
                           f"max_output_tokens ({scenario.workload.max_tokens}) that caches are sized for")
-    world = World(scenario, placement, routing, step_by_step=step_by_step)
+    behaviour = scenario.behaviour
+    world = World(scenario, placement, routing, step_by_step=step_by_step,
+                  allocation_delay_s=allocation_delay(behaviour.allocation_delay_s, policy),
+                  backoff_rounding=behaviour.backoff_rounding)
     engine = Engine()
     for request in requests:
         engine.schedule(Arrival(request.arrival_s, request))

@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Request, Scenario
 
@@ -47,6 +49,15 @@ def arrivals(rng: random.Random, rate: float, count: int, burstiness: float = 1.
     return times
 
 
+def matlab_arrivals(seed: int, skip: int, rate: float, count: int) -> list[float]:
+    """The published simulator's arrivals: MATLAB's rng(seed,'twister') (numpy's RandomState draws the
+    same uniforms), `skip` uniforms spent first, then exprnd(1/λ) = −log(u)/λ per gap, the first gap 0."""
+    uniforms = np.random.RandomState(seed).random_sample(skip + count)[skip:]
+    gaps = -np.log(uniforms) / rate
+    gaps[0] = 0.0
+    return np.cumsum(gaps).tolist()
+
+
 def generate(scenario: Scenario, seed: int, rate: float | None = None, count: int | None = None,
              prompt: Lengths | None = None, output: Lengths | None = None, burstiness: float = 1.0) -> list[Request]:
     """The scenario's workload (overrides allowed); clients with their own `rate` get their own stream."""
@@ -57,7 +68,10 @@ def generate(scenario: Scenario, seed: int, rate: float | None = None, count: in
     prompt = prompt or Lengths(w.prompt_tokens, w.prompt_tokens)
     output = output or Lengths(w.output_tokens, w.output_tokens)
     own = [c for c, spec in enumerate(scenario.clients) if spec.rate]
-    if own:
+    if w.arrivals == "matlab":
+        streams = [(t, rng.randrange(len(scenario.clients)) if len(scenario.clients) > 1 else 0)
+                   for t in matlab_arrivals(w.matlab_seed + seed, w.matlab_skip, rate, count)]
+    elif own:
         total = sum(scenario.clients[c].rate for c in own)
         streams = [(t, c) for c in own
                    for t in arrivals(rng, scenario.clients[c].rate, round(count * scenario.clients[c].rate / total),

@@ -25,6 +25,16 @@ from blockswarm.sim.metrics import RequestRecord
 MAX_BACKOFF_S = 60.0
 
 
+def backoff_instant(wait_s: float) -> float:
+    """The first instant of PETALS' cumulative back-off (1, 3, 7, 15, … s: steps of 1, 2, 4, … s,
+    each at most 60 s) at or after `wait_s`: when a polling client finds its cache free."""
+    instant, step = 0.0, 1.0
+    while instant < wait_s:
+        instant += step
+        step = min(2 * step, MAX_BACKOFF_S)
+    return instant
+
+
 @dataclass(slots=True)
 class Session:
     request: Request
@@ -43,6 +53,8 @@ class World:
     placement: Placement
     router: str
     step_by_step: bool = False
+    allocation_delay_s: float = 0.0  # before each prefill, cache slots held (the published runs' hidden delay)
+    backoff_rounding: bool = False  # WS-RR waits end at PETALS' back-off instants (clients poll)
     used: dict[int, int] = field(default_factory=dict)  # slots held per server
     active: dict[int, dict[int, tuple[float, int]]] = field(default_factory=dict)  # server -> rid -> (end, slots)
     sessions: dict[int, Session] = field(default_factory=dict)
@@ -73,6 +85,7 @@ class World:
         self.occupancy.append((now, self._held_total))
 
     def _reserve(self, request: Request, route: Route, now: float, start: float) -> list:
+        start += self.allocation_delay_s
         timing = route_time(self.scenario, route, request)
         self.generation += 1
         session = Session(request, route, self.generation, now, start, timing.ttft_s, timing.per_token_s,
@@ -111,7 +124,10 @@ class World:
         try:
             if self.router in WAITING_ROUTERS:
                 decision = decide(self.router, view, request)
-                return self._reserve(request, decision.route, now, decision.start_s)
+                start = decision.start_s
+                if self.backoff_rounding and start > now:
+                    start = now + backoff_instant(start - now)
+                return self._reserve(request, decision.route, now, start)
             route = self._route(view, request)
         except Infeasible:  # no route at all right now (a server is down): wait for a join
             self.waiting.append(request)

@@ -1,0 +1,108 @@
+"""The published runs' knobs (scenario `behaviour:`, published-runs.md §A), each on a case small
+enough to compute by hand: allocation delay, back-off rounding, the block cap, a pinned PETALS
+join order, and the published simulator's arrival stream."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from blockswarm.core.errors import ConfigError
+from blockswarm.core.specs import Behaviour, Request
+from blockswarm.perf.scenario import load_scenario, parse_scenario
+from blockswarm.planner import cgbprr, petals, wsrr
+from blockswarm.sim.runner import simulate, with_workload
+from blockswarm.sim.workload import generate
+from blockswarm.sim.world import backoff_instant
+
+from planner_instances import tiny_scenario
+
+
+def behaving(scenario, **knobs):
+    return dataclasses.replace(scenario, behaviour=Behaviour(**knobs))
+
+
+def one_server():
+    """One server holding all 3 blocks with cache for exactly one session (s_m = 1 GB, s_c = 0.1 GB
+    per block-session: 3.35 GB leaves 3 block-sessions = one request over 3 blocks)."""
+    return tiny_scenario(3, [3.35e9], [0.01], ["a"], ["b"])
+
+
+def test_the_allocation_delay_holds_the_slots_and_delays_first_token_and_completion():
+    scenario = one_server()
+    request = Request(0, 4, 6, arrival_s=2.0)
+    plain = simulate(scenario, "cgbprr", requests=[request], R=1).records[0]
+    delayed_run = simulate(behaving(scenario, allocation_delay_s={"cgbp+wsrr": 60.0}), "cgbprr", requests=[request],
+                           R=1)
+    delayed = delayed_run.records[0]
+    assert delayed.ttft_s == pytest.approx(plain.ttft_s + 60.0, abs=1e-9)
+    assert delayed.completion == pytest.approx(plain.completion + 60.0, abs=1e-9)
+    assert delayed_run.occupancy[0] == (2.0, 3)  # the request's 3 block-sessions are held from its arrival
+    # another policy's delay does not apply, and R is chosen from the request time without the delay
+    assert simulate(behaving(scenario, allocation_delay_s={"petals": 250.0}), "cgbprr", requests=[request],
+                    R=1).records[0].completion == plain.completion
+    loaded = with_workload(load_scenario("scenarios/clustered-9.yaml"), rate=1.0)
+    assert wsrr.choose_R(behaving(loaded, allocation_delay_s={"cgbprr": 60.0})) == wsrr.choose_R(loaded)
+
+
+def test_backoff_rounding_ends_a_wait_at_the_next_instant_of_1_3_7_15_seconds():
+    assert [backoff_instant(w) for w in (0.0, 0.2, 1.0, 1.5, 3.0, 3.1, 8.0, 100.0, 130.0)] == [
+        0.0, 1.0, 1.0, 3.0, 3.0, 7.0, 15.0, 123.0, 183.0]  # steps 1, 2, 4, … capped at 60 s
+    scenario = one_server()
+    first, second = Request(0, 4, 6, arrival_s=0.0, request_id=0), Request(0, 4, 6, arrival_s=0.1, request_id=1)
+    plain = simulate(scenario, "cgbprr", requests=[first, second], R=1).records
+    rounded = simulate(behaving(scenario, backoff_rounding=True), "cgbprr", requests=[first, second], R=1).records
+    busy = plain[0].completion  # the only slot frees when the first request completes (~0.5 s)
+    assert plain[1].start == busy and 0.1 < busy < 1.1
+    assert rounded[1].start == pytest.approx(0.1 + 1.0)  # waited busy − 0.1 < 1 s: the client looks again at 1 s
+    assert rounded[0].completion == plain[0].completion
+
+
+def test_the_block_cap_limits_cg_bp_spans_per_hardware():
+    scenario = tiny_scenario(6, [6.5e9, 6.5e9, 6.5e9], [0.001, 0.001, 0.001], ["a"] * 3)
+    servers = tuple(dataclasses.replace(s, hardware="small" if j else "big") for j, s in enumerate(scenario.servers))
+    scenario = dataclasses.replace(scenario, servers=servers)
+    assert cgbprr.conservative_blocks(scenario, 1, 1) == 5  # ⌊6.5 / (1 + 0.1)⌋ = 5 without a cap
+    capped = behaving(scenario, max_blocks={"small": 2})
+    assert [cgbprr.conservative_blocks(capped, j, 1) for j in range(3)] == [5, 2, 2]
+    assert all(s.length <= 2 for s in cgbprr.place(capped, 1).placement.spans if s.server)
+
+
+def test_a_pinned_join_order_fixes_petals_placement_whatever_the_seed():
+    scenario = load_scenario("scenarios/clustered-9.yaml")
+    order = (7, 2, 5, 0, 4, 1, 6, 8, 3)
+    pinned = behaving(scenario, petals_join_order=order)
+    placements = {petals.place(pinned, seed).spans for seed in range(5)}
+    assert len(placements) == 1
+    assert len({petals.place(scenario, seed).spans for seed in range(5)}) > 1  # random otherwise
+    first = next(s for s in placements.pop() if s.server == order[0])
+    assert first.start == 0  # the first to join takes the lexicographically first window
+
+
+def test_the_matlab_arrival_stream_is_numpys_randomstate_with_the_first_gap_zero():
+    scenario = load_scenario("scenarios/clustered-9.yaml")
+    workload = dataclasses.replace(scenario.workload, arrivals="matlab", matlab_seed=42, matlab_skip=0, rate=2.0,
+                                   num_requests=3)
+    times = [r.arrival_s for r in generate(dataclasses.replace(scenario, workload=workload), seed=0)]
+    # rng(42,'twister'): rand gives 0.3745401188473625, 0.9507143064099162, 0.7319939418114051
+    assert times == pytest.approx([0.0, -math.log(0.9507143064099162) / 2, -math.log(0.9507143064099162) / 2
+                                   - math.log(0.7319939418114051) / 2], rel=1e-15)
+    skipped = dataclasses.replace(workload, matlab_skip=1)
+    later = [r.arrival_s for r in generate(dataclasses.replace(scenario, workload=skipped), seed=0)]
+    assert later[1] == pytest.approx(-math.log(0.7319939418114051) / 2)
+
+
+def test_behaviour_fields_are_checked_and_the_published_profile_fills_them():
+    base = {"model": {"catalogue": "bloom-176b"}, "servers": [{"count": 2, "hardware": "a100-80gb", "location": "x"}],
+            "clients": [{"location": "x"}], "network": {}}
+    published = parse_scenario({**base, "behaviour": {"profile": "published"}}).behaviour
+    assert published.allocation_delay_s == {"cgbprr": 60.0, "petals": 250.0} and published.backoff_rounding
+    assert published.max_blocks == {"mig-1g.10gb": 4}
+    own = parse_scenario({**base, "behaviour": {"profile": "published", "allocation_delay_s": {"petals": 350}}})
+    assert own.behaviour.allocation_delay_s == {"petals": 350.0}
+    for bad, field in [({"petals_join_order": [0, 0]}, "petals_join_order"), ({"profile": "paper"}, "profile"),
+                       ({"backoff_rounding": "yes"}, "backoff_rounding"), ({"delay": 3}, "delay")]:
+        with pytest.raises(ConfigError, match=f"behaviour.{field}"):
+            parse_scenario({**base, "behaviour": bad})
