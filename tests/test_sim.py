@@ -275,3 +275,16 @@ def test_simulate_cli_replays_a_trace(tmp_path):
     data = json.loads(out.read_text())
     assert data["cgbprr"]["n_requests"] == 3 and data["petals"]["n_requests"] == 3
     assert data["cgbprr"]["cache_occupancy_over_time"]
+
+
+def test_the_real_isp_maps_load_with_their_quirks_reported():
+    """Bell Canada lists a link twice; AboveNet and GTS-CE have nodes without coordinates."""
+    sizes = {}
+    for name, quirk in [("Abvt", "without coordinates"), ("Bellcanada", "listed twice"),
+                        ("GtsCe", "without coordinates")]:
+        notes: list[str] = []
+        rtt = rtt_from_gml(f"scenarios/topologies/{name}.gml", notes)
+        sizes[name] = len({a for a, _ in rtt})
+        assert len(notes) == 1 and quirk in notes[0]
+        assert all(v > 0 for v in rtt.values()) and all(rtt[(a, b)] == rtt[(b, a)] for a, b in rtt)
+    assert sizes == {"Abvt": 23, "Bellcanada": 48, "GtsCe": 149}

@@ -70,7 +70,10 @@ def _load_for_sim(scenario: str, rate, output_tokens, requests, topology, topolo
     if topology:
         from blockswarm.sim.topology import place_on_topology, rtt_from_gml
 
-        loaded = place_on_topology(loaded, rtt_from_gml(topology), topology_seed)
+        notes: list[str] = []
+        loaded = place_on_topology(loaded, rtt_from_gml(topology, notes), topology_seed)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
     return loaded
 
 
