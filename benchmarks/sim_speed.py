@@ -50,7 +50,7 @@ def measure(servers: int, requests: int, policy: str, rate: float | None = None,
             "requests_per_second": requests / total, "events_per_second": result.events / result.wall_s,
             "mean_per_token_s": result.summary["mean_per_token_s"], "mean_wait_s": result.summary["mean_wait_s"],
             # mean wait / mean response (the completion time counts from arrival, so it holds the wait)
-            "mean_wait_share": result.summary["mean_wait_s"] / result.summary["mean_completion_s"],
+            "mean_wait_share": result.summary["mean_wait_s"] / result.summary["mean_response_s"],
             "unfinished": result.summary["n_unfinished"]}
 
 

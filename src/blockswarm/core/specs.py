@@ -86,6 +86,11 @@ class WorkloadSpec:
     arrivals: str = "poisson"
     matlab_seed: int = 42
     matlab_skip: int = 0
+    # replay of a trace file (perf/trace.py): its first num_requests rows, lengths clipped to
+    # context_tokens, arrival times × trace_time_scale; prompt/output_tokens are then its means
+    trace: str | None = None
+    context_tokens: int | None = None
+    trace_time_scale: float = 1.0
 
     @property
     def max_tokens(self) -> int:

@@ -31,6 +31,9 @@ GB = 1e9
 HARDWARE: dict[str, Hardware] = {
     "a100-80gb": Hardware("a100-80gb", 79.13 * GB, 2039 * GB, 312e12),
     "mig-1g.10gb": Hardware("mig-1g.10gb", 8.2 * GB, 2039 * GB / 8, 312e12 / 7),
+    # the follow-up study's slices of an A100 80GB (its config/PetalsProfiledParameters.m)
+    "mig-2g.20gb": Hardware("mig-2g.20gb", 20.0 * GB, 2039 * GB / 4, 78e12),
+    "mig-3g.40gb": Hardware("mig-3g.40gb", 40.0 * GB, 2039 * GB / 2, 156e12),
     "a10g": Hardware("a10g", 22.5 * GB, 600 * GB, 70e12),
     "t4": Hardware("t4", 14.5 * GB, 320 * GB, 65e12),
     "rtx3090": Hardware("rtx3090", 23.0 * GB, 936 * GB, 71e12),

@@ -40,6 +40,7 @@ from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Behaviour, ClientSpec, ModelSpec, NetworkSpec, Scenario, ServerSpec, WorkloadSpec
 from blockswarm.perf.hardware import block_times, hardware
 from blockswarm.perf.network import STRETCH, rtt_from_coordinates
+from blockswarm.perf.trace import trace_rows
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -60,7 +61,7 @@ def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
     clients = _clients(data.get("clients"))
     locations = {s.location for s in servers} | {c.location for c in clients}
     network = _network(_mapping(data.get("network"), "network"), locations)
-    workload = _workload(_mapping(data.get("workload", {}), "workload"))
+    workload = _workload(_mapping(data.get("workload", {}), "workload"), source)
     behaviour = _behaviour(_mapping(data.get("behaviour", {}), "behaviour"), servers)
     return Scenario(str(data.get("name", Path(source).stem)), model, servers, clients, network, workload, behaviour)
 
@@ -228,7 +229,9 @@ def _network(data: dict, locations: set[str]) -> NetworkSpec:
     )
 
 
-def _workload(data: dict) -> WorkloadSpec:
+def _workload(data: dict, source: str) -> WorkloadSpec:
+    if "trace" in data:
+        return _trace_workload(data, source)
     prompt = _number(data, "prompt_tokens", "workload", 20, minimum=1, integer=True)
     output = _number(data, "output_tokens", "workload", 128, minimum=1, integer=True)
     return WorkloadSpec(
@@ -242,6 +245,30 @@ def _workload(data: dict) -> WorkloadSpec:
         matlab_seed=_number(data, "matlab_seed", "workload", 42, integer=True),
         matlab_skip=_number(data, "matlab_skip", "workload", 0, integer=True),
     )
+
+
+def _trace_workload(data: dict, source: str) -> WorkloadSpec:
+    """A trace replay: the rows used give the typical lengths (their means, for planners) and the
+    cache's size (the longest prompt + output among them)."""
+    unknown = sorted(set(data) - {"trace", "requests", "context_tokens", "time_scale", "seed"})
+    if unknown:
+        raise ConfigError(f"workload.{unknown[0]}: not used with a trace (its rows give arrivals and lengths)")
+    path = Path(str(data["trace"]))
+    if not path.is_absolute():
+        path = Path(source).parent / path
+    count = _number(data, "requests", "workload", 1000, minimum=1, integer=True)
+    context = _number(data, "context_tokens", "workload", 0, minimum=0, integer=True) or None
+    scale = _number(data, "time_scale", "workload", 1.0, minimum=1e-9)
+    rows = trace_rows(str(path), count, context, scale)
+    span = rows[-1][0] - rows[0][0]
+    longest_output = max(r[2] for r in rows)
+    return WorkloadSpec(
+        rate=(len(rows) - 1) / span if span > 0 else 1.0, num_requests=len(rows),
+        prompt_tokens=max(1, round(sum(r[1] for r in rows) / len(rows))),
+        output_tokens=max(1, round(sum(r[2] for r in rows) / len(rows))),
+        max_prompt_tokens=max(r[1] + r[2] for r in rows) - longest_output, max_output_tokens=longest_output,
+        seed=_number(data, "seed", "workload", 0, integer=True), trace=str(path), context_tokens=context,
+        trace_time_scale=scale)
 
 
 def _choice(data: dict, key: str, field: str, choices: tuple[str, ...]) -> str:

@@ -12,7 +12,7 @@ from blockswarm.sim.metrics import confidence_interval, downsample
 from blockswarm.sim.runner import SimResult, with_workload
 
 REPORTED = ("mean_per_token_s", "mean_ttft_s", "p90_per_token_s", "p99_per_token_s", "mean_wait_s", "mean_tpot_s",
-            "mean_completion_s", "throughput_rps", "utilisation", "cache_occupancy_mean", "cache_occupancy_peak")
+            "mean_response_s", "p99_response_s", "throughput_rps", "utilisation", "cache_occupancy_mean", "cache_occupancy_peak")
 SWEEPABLE = ("servers", "rate", "output", "fast-share")
 
 

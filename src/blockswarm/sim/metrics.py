@@ -80,6 +80,7 @@ def summarize(records: list[RequestRecord], makespan_s: float, utilisation: floa
     done = [r for r in records if r.completion is not None]
     per_token = [r.per_token_s for r in done]
     ttft = [r.ttft_s for r in done]
+    response = [r.completion - r.arrival for r in done]
     out = {
         "n_requests": len(done),
         "n_unfinished": len(records) - len(done),
@@ -91,7 +92,12 @@ def summarize(records: list[RequestRecord], makespan_s: float, utilisation: floa
         "p90_ttft_s": percentile(ttft, 0.9),
         "mean_wait_s": statistics.fmean(r.wait_s for r in done) if done else math.nan,
         "mean_tpot_s": statistics.fmean(r.tpot_s for r in done) if done else math.nan,
-        "mean_completion_s": statistics.fmean(r.completion - r.arrival for r in done) if done else math.nan,
+        # response = completion − arrival (waiting included); service = completion − start
+        "mean_response_s": statistics.fmean(response) if done else math.nan,
+        "p50_response_s": percentile(response, 0.5),
+        "p95_response_s": percentile(response, 0.95),
+        "p99_response_s": percentile(response, 0.99),
+        "mean_service_s": statistics.fmean(r.completion - r.start for r in done) if done else math.nan,
         "throughput_rps": len(done) / makespan_s if makespan_s > 0 else math.nan,
         "tokens_per_s": sum(r.output_tokens for r in done) / makespan_s if makespan_s > 0 else math.nan,
         "utilisation": utilisation,

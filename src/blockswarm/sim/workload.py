@@ -3,7 +3,6 @@ clients with their own rates, and replay of a CSV trace `arrival_s,prompt_tokens
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Request, Scenario
+from blockswarm.perf.trace import read_trace, trace_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,8 @@ def generate(scenario: Scenario, seed: int, rate: float | None = None, count: in
     """The scenario's workload (overrides allowed); clients with their own `rate` get their own stream."""
     w = scenario.workload
     rng = random.Random(seed)
+    if w.trace is not None:
+        return _replay(scenario, rng)
     rate = w.rate if rate is None else rate
     count = w.num_requests if count is None else count
     prompt = prompt or Lengths(w.prompt_tokens, w.prompt_tokens)
@@ -84,21 +86,19 @@ def generate(scenario: Scenario, seed: int, rate: float | None = None, count: in
 
 
 def load_trace(path: str | Path, clients: int) -> list[Request]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"trace {path} does not exist")
-    requests = []
-    with path.open(newline="") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if not row or row[0].strip().startswith("#") or (line == 1 and row[0].strip() == "arrival_s"):
-                continue
-            try:
-                arrival, prompt, output = float(row[0]), int(row[1]), int(row[2])
-                client = int(row[3]) if len(row) > 3 and row[3].strip() else 0
-            except (ValueError, IndexError):
-                raise ConfigError(f"{path}:{line}: expected arrival_s,prompt_tokens,output_tokens[,client]") from None
-            if arrival < 0 or prompt < 1 or output < 1 or not 0 <= client < clients:
-                raise ConfigError(f"{path}:{line}: arrival >= 0, token counts >= 1, client in 0..{clients - 1}")
-            requests.append((arrival, client, prompt, output))
-    requests.sort()
-    return [Request(c, p, o, a, i) for i, (a, c, p, o) in enumerate(requests)]
+    """A trace file's requests as they are (perf/trace.py reads both formats)."""
+    rows = read_trace(str(path))
+    bad = next((i for i, row in enumerate(rows) if row[3] >= clients), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: a request names client {rows[bad][3]}; the scenario has clients 0..{clients - 1}")
+    return [Request(c, p, o, a, i) for i, (a, p, o, c) in enumerate(rows)]
+
+
+def _replay(scenario: Scenario, rng: random.Random) -> list[Request]:
+    """The scenario's trace (rows spread over the clients by the run's seed when it has several)."""
+    w = scenario.workload
+    rows = trace_rows(w.trace, w.num_requests, w.context_tokens, w.trace_time_scale)
+    start = rows[0][0]
+    clients = len(scenario.clients)
+    return [Request(rng.randrange(clients) if clients > 1 else 0, p, o, a - start, i)
+            for i, (a, p, o, _) in enumerate(rows)]
