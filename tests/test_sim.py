@@ -75,9 +75,10 @@ def test_a_chain_without_contention_matches_route_time():
         assert math.isclose(record.completion - record.arrival, expected.completion_s, rel_tol=1e-12)
 
 
-@pytest.mark.parametrize("policy", ["petals", "cgbprr", "cgbp+shortest", "petals+wsrr", "cgbp+petals"])
+@pytest.mark.parametrize("policy", ["petals", "cgbprr", "cgbp+shortest", "petals+wsrr", "cgbp+petals", "chains",
+                                    "loadfit", "cgbp+wsrr-queue", "petals+jffc"])
 def test_every_request_completes_once_and_slots_stay_within_capacity(policy):
-    scenario = with_workload(load_scenario("scenarios/clustered-9.yaml"), rate=1.0, requests=150)
+    scenario = with_workload(load_scenario("scenarios/clustered-9.yaml"), rate=1.5, requests=150)
     result = simulate(scenario, policy, seed=3)
     assert result.summary["n_requests"] == 150 and result.summary["n_unfinished"] == 0
     assert len({r.request_id for r in result.records}) == 150
@@ -88,9 +89,9 @@ def test_every_request_completes_once_and_slots_stay_within_capacity(policy):
 
 
 def _placement(scenario, policy, result):
-    from blockswarm.planner import petals
+    from blockswarm.planner.registry import PLACEMENTS, parse_policy
 
-    return petals.place(scenario, result.seed) if policy.startswith("petals") else cgbprr.place(scenario, result.R).placement
+    return PLACEMENTS[parse_policy(policy)[0]](scenario, result.R, result.seed)
 
 
 def assert_in_use_within_capacity(scenario, result, placement):
@@ -130,7 +131,7 @@ def _routes_by_request(scenario, result):
     return routes
 
 
-@pytest.mark.parametrize("policy", ["petals", "cgbprr"])
+@pytest.mark.parametrize("policy", ["petals", "cgbprr", "chains", "loadfit"])
 def test_fixed_seed_is_deterministic(policy):
     scenario = with_workload(load_scenario("scenarios/clustered-9.yaml"), rate=0.5)
     one, two = simulate(scenario, policy, seed=7), simulate(scenario, policy, seed=7)

@@ -6,7 +6,9 @@ Placements and routers are registered separately so that callers can pair them
 `petals` = PETALS placement and routing, `cgbprr` = CG-BP placement with WS-RR routing (`wsrr`
 is kept as another name for it), `chains` = GBP-CR placement (c tuned) + GCA chains + JFFC
 dispatch from one central FIFO queue, `jffc-whole` = JFFC over servers that each hold the whole
-model. `plan` also knows the exact policies `milp` and `rr-ilp`.
+model, `loadfit` = blockswarm's own (planner/loadfit.py: the placement of either family that
+should give the lowest mean response time at the workload's rate, with WS-RR's choice admitted
+through a central queue, `wsrr-queue`). `plan` also knows the exact policies `milp` and `rr-ilp`.
 
 Routers differ in how a request waits, and callers follow the sets below: WAITING_ROUTERS answer
 with a route whose cache may free up later (the caller reserves at once and starts then);
@@ -23,7 +25,7 @@ from typing import Callable
 from blockswarm.core.errors import ConfigError
 from blockswarm.core.specs import Placement, Request, Route, Scenario
 from blockswarm.perf.model import default_request, route_time
-from blockswarm.planner import cgbprr, chains, petals, wsrr
+from blockswarm.planner import cgbprr, chains, loadfit, petals, wsrr
 from blockswarm.planner.view import SwarmView
 
 
@@ -43,6 +45,10 @@ def _place_gbpcr(scenario: Scenario, R: int | None = None, seed: int | None = No
     return chains.gbp_cr(scenario, chains.tune_c(scenario))
 
 
+def _place_loadfit(scenario: Scenario, R: int | None = None, seed: int | None = None) -> Placement:
+    return loadfit.place(scenario)
+
+
 def _place_whole(scenario: Scenario, R: int | None = None, seed: int | None = None) -> Placement:
     return chains.whole_model(scenario)
 
@@ -50,16 +56,18 @@ def _place_whole(scenario: Scenario, R: int | None = None, seed: int | None = No
 # placement(scenario, R, seed) -> Placement; R is what CG-BP sizes for (the others ignore it), the
 # seed is PETALS' join order (the others ignore it)
 PLACEMENTS: dict[str, Callable[..., Placement]] = {"petals": _place_petals, "cgbp": _place_cgbp,
-                                                   "gbpcr": _place_gbpcr, "whole": _place_whole}
+                                                   "gbpcr": _place_gbpcr, "whole": _place_whole,
+                                                   "loadfit": _place_loadfit}
 ROUTERS: dict[str, Callable[..., Route | None]] = {  # (view, request, start=0) -> Route (None: queue)
     "petals": petals.route, "shortest": cgbprr.route, "wsrr": _route_wsrr, "jffc": chains.jffc,
+    "wsrr-queue": wsrr.route_or_queue,
 }
 WAITING_ROUTERS = frozenset({"wsrr"})
-QUEUE_ROUTERS = frozenset({"jffc"})
+QUEUE_ROUTERS = frozenset({"jffc", "wsrr-queue"})
 SHORTHANDS = {"petals": "petals+petals", "cgbprr": "cgbp+wsrr", "wsrr": "cgbp+wsrr", "chains": "gbpcr+jffc",
-              "jffc-whole": "whole+jffc"}
+              "jffc-whole": "whole+jffc", "loadfit": "loadfit+wsrr-queue"}
 EXACT = ("milp", "rr-ilp")
-POLICIES = ("petals", "cgbprr", "wsrr", "chains", "jffc-whole", *EXACT)  # plan's named policies; any PLACEMENT+ROUTING pair too
+POLICIES = ("petals", "cgbprr", "wsrr", "chains", "jffc-whole", "loadfit", *EXACT)  # plan's named policies; any PLACEMENT+ROUTING pair too
 
 
 def parse_policy(name: str) -> tuple[str, str]:
@@ -145,15 +153,23 @@ def plan(scenario: Scenario, policy: str, R: int | None = None, milp_requests: i
             routes = {c: router(view, default_request(scenario, c)) for c in clients}
             return PlanResult(policy, scenario, placement, routes, petals_concurrency(placement),
                               notes=["PETALS sizes its cache without regard to R; R is what its caches hold"])
-        if placement_name != "cgbp":  # the central-queue placements: chains with their capacities
-            placement = PLACEMENTS[placement_name](scenario)
+        if placement_name != "cgbp":  # the chain-sized placements: R is what their GCA chains carry
+            notes = []
+            if placement_name == "loadfit":
+                choice = loadfit.choose(scenario)
+                placement = choice.placement
+                notes.append(f"loadfit chose {choice.family} sized {choice.size} (estimated mean response "
+                             f"{choice.estimate_s:.2f} s at {scenario.workload.rate:g} requests/s)")
+            else:
+                placement = PLACEMENTS[placement_name](scenario)
             view = SwarmView(scenario, placement)
             routes = {c: router(view, default_request(scenario, c)) or cgbprr.route(view, default_request(scenario, c))
                       for c in clients}
             found = chains.gca(scenario, placement)
+            notes.append(f"{len(found)} chains (GCA) carry {sum(c.capacity for c in found)} requests at once; R is "
+                         "that total")
             return PlanResult(policy, scenario, placement, routes, sum(chain.capacity for chain in found),
-                              notes=[f"{len(found)} chains (GCA) carrying {sum(c.capacity for c in found)} requests "
-                                     "at once; R is that total; each client's route is the fastest chain"])
+                              notes=notes)
         R = R or wsrr.choose_R(scenario)
         result = cgbprr.place(scenario, R)
         view = SwarmView(scenario, result.placement)

@@ -21,6 +21,7 @@ class SwarmView:
     memo: dict | None = None  # scratch space for routers, valid for this placement (caller clears it)
     free_times: object | None = None  # a planner.freetimes.FreeTimes over `active`, when the caller keeps one
     routes_in_flight: Mapping | None = None  # Route -> sessions running or reserved on it (central-queue policies)
+    queued: int = 0  # other requests waiting in the caller's central queue (central-queue policies)
 
     def free_slots(self, server: int) -> int:
         span = self.placement.span_of(server)

@@ -41,6 +41,17 @@ def route(view: SwarmView, request: Request, start: int = 0) -> RoutingDecision:
                         lambda j, a, b: hop_service_s(scenario, request, j, b - a), start)
     if has_room(view, static):
         return RoutingDecision(static, view.now)
+    graph, ready, cost = _priced(view, request, start)
+    found = cheapest(graph, cost)
+    if found is None:
+        raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
+    chosen, edges = found
+    return RoutingDecision(chosen, max(view.now, float(ready[edges].max())))
+
+
+def _priced(view: SwarmView, request: Request, start: int):
+    """The boundary graph from `start`, each hop's free time, and each hop's cost: its wait for
+    slots (an absolute free time, so max(now, ·)) + its service."""
     memo = view.memo if view.memo is not None else {}
     graph = memo.get(("wsrr-graph", start))
     if graph is None:
@@ -48,17 +59,30 @@ def route(view: SwarmView, request: Request, start: int = 0) -> RoutingDecision:
     # the servers' constants per edge of the graph (a table whose "servers" are the edges); the memo
     # follows the placement, and servers may join the scenario meanwhile, hence the identity check
     kept = memo.get(("wsrr-edges", start))
-    if kept is None or kept[0] is not scenario:
-        kept = memo[("wsrr-edges", start)] = (scenario, ServerTable.of(scenario).select(graph.server))
+    if kept is None or kept[0] is not view.scenario:
+        kept = memo[("wsrr-edges", start)] = (view.scenario, ServerTable.of(view.scenario).select(graph.server))
     times = view.free_times if view.free_times is not None else FreeTimes.of_view(view)
-    # every hop priced at once: its wait for slots (an absolute free time, so max(now, ·)) + its service
     ready = times.table()[graph.server, graph.blocks]
-    cost = np.maximum(ready - view.now, 0.0) + hop_service_array(scenario, kept[1], request, EVERY, graph.blocks)
-    found = cheapest(graph, cost)
-    if found is None:
-        raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
-    chosen, edges = found
-    return RoutingDecision(chosen, max(view.now, float(ready[edges].max())))
+    cost = np.maximum(ready - view.now, 0.0) + hop_service_array(view.scenario, kept[1], request, EVERY, graph.blocks)
+    return graph, ready, cost
+
+
+def route_or_queue(view: SwarmView, request: Request, start: int = 0) -> Route | None:
+    """WS-RR admitted through a central queue (blockswarm's `wsrr-queue`). WS-RR's choice (the route
+    minimizing wait + service) is taken when it can start now. When it would wait for a busy
+    faster route, the request waits for it only while nobody queues behind it; with a queue, the
+    cheapest route free now is taken instead (the swarm keeps working, as JFFC does), and if
+    none is free the request waits (None: the caller's FIFO queue; it is decided again when cache
+    frees up or another request arrives). Nothing is reserved ahead, so slots never sit idle
+    under a reservation whose turn has not come."""
+    decision = route(view, request, start)
+    if decision.start_s <= view.now:
+        return decision.route
+    if view.queued == 0:
+        return None
+    graph, ready, cost = _priced(view, request, start)
+    found = cheapest(graph, np.where(ready <= view.now, cost, math.inf))
+    return None if found is None else found[0]
 
 
 def choose_R(scenario: Scenario, rate: float | None = None) -> int:

@@ -16,7 +16,7 @@ from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
 from blockswarm.perf.model import route_time
 from blockswarm.planner.freetimes import FreeTimes
-from blockswarm.planner.registry import ROUTERS, WAITING_ROUTERS, decide
+from blockswarm.planner.registry import QUEUE_ROUTERS, ROUTERS, WAITING_ROUTERS, decide
 from blockswarm.planner.routing import block_index, has_room
 from blockswarm.planner.view import ActiveBySession, SwarmView
 from blockswarm.sim.events import Completion, DecodeStep, FirstToken, Retry, Start
@@ -76,7 +76,7 @@ class World:
     # -- views and bookkeeping ----------------------------------------------------------------
     def view(self, now: float) -> SwarmView:
         return SwarmView(self.scenario, self.placement, now, self._active_view, self._index, self.used, self._memo,
-                         self._free_times, self.in_flight)
+                         self._free_times, self.in_flight, len(self.waiting))
 
     def _change_held(self, server: int, delta: int, now: float) -> None:
         self.used[server] = self.used.get(server, 0) + delta
@@ -120,6 +120,11 @@ class World:
         if record is None:
             self.records[request.request_id] = RequestRecord(request.request_id, request.client, request.arrival_s,
                                                              request.prompt_tokens, request.output_tokens)
+        if record is None and self.waiting and self.router in QUEUE_ROUTERS:
+            # a newcomer queues behind those already waiting (FIFO), and the queue is decided again:
+            # a head that was waiting for a faster route now has somebody behind it
+            self.waiting.append(request)
+            return self._admit_waiting(now)
         view = self.view(now)
         try:
             if self.router in WAITING_ROUTERS:
