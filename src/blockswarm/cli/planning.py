@@ -125,15 +125,8 @@ def simulate(
     with _interruptible("interrupted; nothing written"):
         try:
             loaded = _load_for_sim(scenario, rate, output_tokens, requests, topology, topology_seed)
-            options = {"burstiness": burstiness}
-            if trace:
-                from blockswarm.sim.runner import fit_to_requests
-                from blockswarm.sim.workload import load_trace
-
-                options["requests"] = load_trace(trace, len(loaded.clients))
-                _require(bool(options["requests"]), f"--trace {trace} has no requests; give a CSV with rows "
-                                                    "arrival_s,prompt_tokens,output_tokens[,client]")
-                loaded = fit_to_requests(loaded, options["requests"])
+            loaded, options = _with_trace(loaded, trace)
+            options["burstiness"] = burstiness
             with _progress("simulating") as progress:
                 task = progress.add_task("runs", total=len(names) * seeds)
                 table = compare(loaded, names, seeds, progress=lambda: progress.advance(task), fanout=fanout,
@@ -172,6 +165,17 @@ def _fanout(workers: int, ray: Optional[str]):
     from blockswarm.sim.fanout import LocalFanout
 
     return LocalFanout(workers)
+
+
+def _with_trace(loaded, trace: Optional[str]):
+    """(scenario with caches sized for the trace, simulate()'s options replaying it), or as it was."""
+    if not trace:
+        return loaded, {}
+    from blockswarm.sim.runner import fit_to_requests
+    from blockswarm.sim.workload import load_trace
+
+    replay = load_trace(trace, len(loaded.clients))
+    return fit_to_requests(loaded, replay), {"requests": replay}
 
 
 def _check_overrides(seeds: int, requests: Optional[int], rate: Optional[float] = None,
@@ -215,15 +219,24 @@ def sweep(
     requests: Optional[int] = typer.Option(None, help="Override the number of requests per run."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the curves as JSON here."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG of the curves here."),
+    rate: Optional[float] = typer.Option(None, help="The arrival rate at every point (requests/s), unless swept."),
+    topology: Optional[str] = typer.Option(None, help="GML topology: servers and clients go on its nodes, e.g. "
+                                           "scenarios/topologies/GtsCe.gml."),
+    topology_seed: int = typer.Option(0, help="Seed for placing servers and clients on the topology."),
+    trace: Optional[str] = typer.Option(None, help="Replay this trace at every point (our CSV or Azure's)."),
     workers: int = typer.Option(0, help=WORKERS_HELP),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
 ):
     """Vary one parameter and plot the mean per-token time per policy.
 
     Example: blockswarm sweep scenarios/clustered-9.yaml --parameter rate --values 0.1,0.5,1 --policies petals,cgbprr
+
+    The first study's scattered sweeps: --topology scenarios/topologies/Abvt.gml with --parameter
+    servers, fast-share, rate or output.
     """
     points = _sweep_points(parameter, values)
-    _check_overrides(seeds, requests)
+    _check_overrides(seeds, requests, rate=rate)
+    _require(not (trace and parameter == "rate"), "--trace fixes the arrivals; sweep another parameter")
     names = _names(policies)
     fanout = _fanout(workers, ray)
     _check_writable(json_path, "--json")
@@ -234,11 +247,12 @@ def sweep(
     curves: dict[str, list] = {name: [] for name in names}
     with _interruptible("interrupted; nothing written"):
         try:
-            base = _load_for_sim(scenario, None, None, requests, None, 0)
+            base = _load_for_sim(scenario, rate, None, requests, topology, topology_seed)
+            base, options = _with_trace(base, trace)
             with _progress(f"sweeping {parameter}") as progress:
                 task = progress.add_task("runs", total=len(points) * len(names) * seeds)
                 tables = compare_many([vary(base, parameter, value) for value in points], names, seeds,
-                                      progress=lambda: progress.advance(task), fanout=fanout)
+                                      progress=lambda: progress.advance(task), fanout=fanout, **options)
                 for value, table in zip(points, tables):
                     for name in names:
                         curves[name].append((value, table[name]["mean_per_token_s"],
