@@ -225,6 +225,8 @@ def test_blocks_nobody_else_holds_get_an_idle_server_and_the_waiting_client_comp
     flight rides through such a repair too when the mover is not on its own route: it waits for the
     tail; when the only possible mover holds the session's own head, it fails after --wait.)
     Finally, once the swarm truly cannot cover the model, a client gets an error naming the blocks."""
+    from itertools import combinations
+
     from blockswarm.core.errors import Infeasible
     from blockswarm.planner import live
 
@@ -241,12 +243,15 @@ def test_blocks_nobody_else_holds_get_an_idle_server_and_the_waiting_client_comp
         wait_until(lambda: not {s["address"] for s in serving()} & set(addresses), 10, "the coordinator to see them gone")
 
     left = serving()
-    spare = []  # servers whose loss uncovers nothing, stopped until a repairable loss exists
-    while not live.repairable_losses(placement(left)):
-        redundant = next(i for i in range(len(left)) if not live.missing_blocks(
-            placement([s for j, s in enumerate(left) if j != i])))
-        spare.append(left.pop(redundant)["address"])
-    kill(spare)
+    # the fewest servers to stop so that the rest still cover the model and one of them holds blocks
+    # nobody else holds that an idle one could take over; searched over every subset (the live
+    # placement depends on the order the servers joined in, and stopping redundant servers one by
+    # one in a fixed order can end where no loss is repairable)
+    kept = next((subset for size in range(len(left), 0, -1) for subset in combinations(range(len(left)), size)
+                 if not live.missing_blocks(placement([left[i] for i in subset]))
+                 and live.repairable_losses(placement([left[i] for i in subset]))), None)
+    assert kept is not None, f"no subset of the serving servers has a repairable loss: {left}"
+    kill([s["address"] for i, s in enumerate(left) if i not in kept])
     left = serving()
     victim = left[live.repairable_losses(placement(left))[0]]["address"]
     before = {s["address"]: (s["start"], s["end"]) for s in left}
