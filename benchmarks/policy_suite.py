@@ -31,8 +31,7 @@ import statistics
 from pathlib import Path
 
 from blockswarm.perf.model import default_request, route_time, slots
-from blockswarm.perf.scenario import load_scenario
-from blockswarm.perf.trace import trace_rows
+from blockswarm.perf.scenario import load_scenario, trace_workload
 from blockswarm.planner import milp
 from blockswarm.sim.experiments import compare_many
 from blockswarm.sim.fanout import LocalFanout
@@ -65,21 +64,15 @@ def scattered(name: str, rate: float):
 def traced(name: str):
     """The follow-up's swarm replaying `name`, its arrivals scaled to TARGET_LOAD (see the docstring)."""
     base = load_scenario(ROOT / "scenarios" / "published" / "chains-azure-code.yaml")
-    path = str(ROOT / "scenarios" / "traces" / TRACES[name])
-    unscaled = dataclasses.replace(base, workload=dataclasses.replace(base.workload, trace=path))
-    rows = trace_rows(path, base.workload.num_requests, base.workload.context_tokens)
-    w = dataclasses.replace(unscaled.workload, prompt_tokens=round(statistics.fmean(r[1] for r in rows)),
-                            output_tokens=round(statistics.fmean(r[2] for r in rows)),
-                            max_prompt_tokens=max(r[1] + r[2] for r in rows) - max(r[2] for r in rows),
-                            max_output_tokens=max(r[2] for r in rows))
-    scenario = dataclasses.replace(unscaled, workload=w)
+    w = trace_workload(str(ROOT / "scenarios" / "traces" / TRACES[name]), base.workload.num_requests,
+                       base.workload.context_tokens)
+    scenario = dataclasses.replace(base, workload=w)
     L = scenario.model.num_blocks
     request = default_request(scenario)
     capacity = sum((slots(scenario, j, L) // L) / route_time(scenario, Route((Hop(j, 0, L),)), request).completion_s
                    for j in range(len(scenario.servers)))  # requests/s if every server served whole requests
-    own_rate = (len(rows) - 1) / (rows[-1][0] - rows[0][0])
     target = TARGET_LOAD * capacity
-    scale = own_rate / target
+    scale = w.rate / target  # the trace's own rate over the target
     scaled = dataclasses.replace(w, trace_time_scale=scale, rate=target)
     return dataclasses.replace(scenario, name=f"{name}-x{1 / scale:.2f}", workload=scaled)
 

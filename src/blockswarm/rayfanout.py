@@ -26,7 +26,7 @@ class RayFanout:
         try:
             import ray
         except ImportError:
-            raise ConfigError("--ray needs Ray: pip install 'ray[default]==2.60.0' (or `pip install -e .[ray]`)") \
+            raise ConfigError("--ray needs Ray: pip install 'ray[client]==2.60.0' (or `pip install -e .[ray]`)") \
                 from None
         owned = not ray.is_initialized()
         if owned:

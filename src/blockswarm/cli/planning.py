@@ -33,7 +33,7 @@ def _names(policies: str) -> list[str]:
 def plan(
     scenario: str = typer.Argument(..., help="Scenario YAML file, e.g. scenarios/clustered-9.yaml."),
     policy: str = typer.Option("cgbprr", help="petals, cgbprr (CG-BP placement + WS-RR routing; wsrr is the same), "
-                               "chains (GBP-CR + GCA + JFFC), jffc-whole, milp, rr-ilp, or a PLACEMENT+ROUTING "
+                               "chains (GBP-CR + GCA + JFFC), jffc-whole, loadfit (ours), milp, rr-ilp, or a PLACEMENT+ROUTING "
                                "pair such as cgbp+shortest."),
     r: Optional[int] = typer.Option(None, "--R", help="Concurrent requests to size for (default: from the "
                                     "workload's rate, R = round(λT + sqrt(λT)))."),
@@ -89,8 +89,9 @@ def _progress(label: str):
 def simulate(
     scenario: str = typer.Argument(..., help="Scenario YAML file."),
     policies: str = typer.Option("petals,cgbprr", help="Comma-separated PLACEMENT+ROUTING pairs (placements: "
-                                 "petals, cgbp, gbpcr, whole; routings: petals, shortest, wsrr, jffc) or shorthands "
-                                 "petals, cgbprr, chains (GBP-CR + GCA + JFFC from a central queue), jffc-whole."),
+                                 "petals, cgbp, gbpcr, whole, loadfit; routings: petals, shortest, wsrr, jffc, wsrr-queue) "
+                                 "or shorthands petals, cgbprr, chains (GBP-CR + GCA + JFFC from a central queue), "
+                                 "jffc-whole, loadfit (ours: docs/POLICY.md)."),
     seeds: int = typer.Option(5, help="Independent runs per policy (seeds 0..N-1)."),
     rate: Optional[float] = typer.Option(None, help="Override the workload's arrival rate (requests/s)."),
     output_tokens: Optional[int] = typer.Option(None, help="Override the workload's output length."),

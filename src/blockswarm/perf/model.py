@@ -99,6 +99,13 @@ def route_per_token_s(scenario: Scenario, route: Route, client: int) -> float:
     return sum(hop_decode_s(scenario, client, h.server, h.blocks) for h in route.hops)
 
 
+def blocks_beside_cache(scenario: Scenario, server: int, sessions: int) -> int:
+    """m_j = min(⌊M_j / (s_m + s_c·n)⌋, L): the blocks a server holds keeping cache for n sessions on
+    each (CG-BP's conservative count with n = R, GBP-CR's m_j(c) with n = c)."""
+    per_block = scenario.model.block_bytes + scenario.session_cache_bytes * sessions
+    return min(int(scenario.servers[server].memory_bytes // per_block), scenario.model.num_blocks)
+
+
 def slots(scenario: Scenario, server: int, blocks_held: int) -> int:
     """n_j: block-sessions of cache that fit beside the weights of `blocks_held` blocks (§5)."""
     free = scenario.servers[server].memory_bytes - scenario.model.block_bytes * blocks_held

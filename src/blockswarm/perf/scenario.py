@@ -256,10 +256,17 @@ def _trace_workload(data: dict, source: str) -> WorkloadSpec:
     path = Path(str(data["trace"]))
     if not path.is_absolute():
         path = Path(source).parent / path
-    count = _number(data, "requests", "workload", 1000, minimum=1, integer=True)
-    context = _number(data, "context_tokens", "workload", 0, minimum=0, integer=True) or None
-    scale = _number(data, "time_scale", "workload", 1.0, minimum=1e-9)
-    rows = trace_rows(str(path), count, context, scale)
+    return trace_workload(str(path), _number(data, "requests", "workload", 1000, minimum=1, integer=True),
+                          _number(data, "context_tokens", "workload", 0, minimum=0, integer=True) or None,
+                          _number(data, "time_scale", "workload", 1.0, minimum=1e-9),
+                          _number(data, "seed", "workload", 0, integer=True))
+
+
+def trace_workload(path: str, count: int, context: int | None, time_scale: float = 1.0,
+                   seed: int = 0) -> WorkloadSpec:
+    """The workload replaying a trace's first `count` rows: their rate, their mean lengths (what
+    planners size for) and the longest prompt + output among them (what caches are sized for)."""
+    rows = trace_rows(path, count, context, time_scale)
     span = rows[-1][0] - rows[0][0]
     longest_output = max(r[2] for r in rows)
     return WorkloadSpec(
@@ -267,8 +274,7 @@ def _trace_workload(data: dict, source: str) -> WorkloadSpec:
         prompt_tokens=max(1, round(sum(r[1] for r in rows) / len(rows))),
         output_tokens=max(1, round(sum(r[2] for r in rows) / len(rows))),
         max_prompt_tokens=max(r[1] + r[2] for r in rows) - longest_output, max_output_tokens=longest_output,
-        seed=_number(data, "seed", "workload", 0, integer=True), trace=str(path), context_tokens=context,
-        trace_time_scale=scale)
+        seed=seed, trace=path, context_tokens=context, trace_time_scale=time_scale)
 
 
 def _choice(data: dict, key: str, field: str, choices: tuple[str, ...]) -> str:

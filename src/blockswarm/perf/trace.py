@@ -30,15 +30,12 @@ def _read(path: str, mtime_ns: int, size: int) -> tuple[Row, ...]:
     file = Path(path)
     rows: list[Row] = []
     with file.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        azure = header is not None and header[:1] == ["TIMESTAMP"]
-        if header is not None and not azure and header[0].strip() != "arrival_s":
-            handle.seek(0)
-            reader = csv.reader(handle)
+        lines = list(csv.reader(handle))
+        head = lines[0][0].strip() if lines and lines[0] else ""
+        azure = head == "TIMESTAMP"
+        skip = 1 if head in ("TIMESTAMP", "arrival_s") else 0  # a header row, when there is one
         first = None
-        for line, row in enumerate(reader, start=1 if header is None or not (azure or header[0] == "arrival_s")
-                                   else 2):
+        for line, row in enumerate(lines[skip:], start=1 + skip):
             if not row or row[0].strip().startswith("#"):
                 continue
             try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Placement, Request, Route, Scenario, Span
-from blockswarm.perf.model import decode_link_s, hop_decode_s
+from blockswarm.perf.model import blocks_beside_cache, decode_link_s, hop_decode_s
 from blockswarm.planner.routing import memo_route
 from blockswarm.planner.view import SwarmView
 
@@ -26,10 +26,8 @@ class CgbpResult:
 
 def conservative_blocks(scenario: Scenario, server: int, R: int) -> int:
     """m_j = min(⌊M_j / (s_m + s_c·R)⌋, L), and at most the scenario's cap for the server's hardware."""
-    per_block = scenario.model.block_bytes + scenario.session_cache_bytes * R
-    spec = scenario.servers[server]
-    cap = scenario.behaviour.max_blocks.get(spec.hardware, scenario.model.num_blocks)
-    return min(int(spec.memory_bytes // per_block), scenario.model.num_blocks, cap)
+    cap = scenario.behaviour.max_blocks.get(scenario.servers[server].hardware, scenario.model.num_blocks)
+    return min(blocks_beside_cache(scenario, server, R), cap)
 
 
 def guaranteed_sessions(scenario: Scenario, server: int, blocks: int) -> int:

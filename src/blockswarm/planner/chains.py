@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from blockswarm.core.errors import Infeasible
 from blockswarm.core.specs import Hop, Placement, Request, Route, Scenario, Span
-from blockswarm.perf.model import default_request, hop_service_s, route_time, slots
+from blockswarm.perf.model import blocks_beside_cache, default_request, hop_service_s, route_time, slots
 from blockswarm.planner.routing import shortest_route
 from blockswarm.planner.view import SwarmView
 
@@ -45,12 +45,6 @@ def _hop_time(scenario: Scenario, requests: list[Request], server: int, blocks: 
     return sum(hop_service_s(scenario, r, server, blocks) for r in requests) / len(requests)
 
 
-def blocks_per_server(scenario: Scenario, server: int, c: int) -> int:
-    """m_j(c) = min(⌊M_j / (s_m + s_c·c)⌋, L)."""
-    per_block = scenario.model.block_bytes + scenario.session_cache_bytes * c
-    return min(int(scenario.servers[server].memory_bytes // per_block), scenario.model.num_blocks)
-
-
 def gbp_cr(scenario: Scenario, c: int, rate: float | None = None) -> Placement:
     """GBP-CR's placement for concurrency `c` per chain and arrival rate `rate` (the workload's)."""
     if c < 1:
@@ -58,7 +52,7 @@ def gbp_cr(scenario: Scenario, c: int, rate: float | None = None) -> Placement:
     L = scenario.model.num_blocks
     rate = scenario.workload.rate if rate is None else rate
     requests = [default_request(scenario, client) for client in range(len(scenario.clients))]
-    m = {j: blocks_per_server(scenario, j, c) for j in range(len(scenario.servers))}
+    m = {j: blocks_beside_cache(scenario, j, c) for j in range(len(scenario.servers))}
     usable = [j for j, blocks in m.items() if blocks > 0]
     if sum(m[j] for j in usable) < L:
         raise Infeasible(f"the swarm cannot hold one chain with cache for c={c} requests on every block; "
@@ -103,8 +97,8 @@ def gca(scenario: Scenario, placement: Placement) -> tuple[Chain, ...]:
 def whole_model(scenario: Scenario) -> Placement:
     """Every server that can hold all L blocks and one session's cache holds them (`jffc-whole`)."""
     L = scenario.model.num_blocks
-    spans = tuple(Span(j, 0, L, slots(scenario, j, L)) for j in range(len(scenario.servers))
-                  if slots(scenario, j, L) >= L)
+    held = {j: slots(scenario, j, L) for j in range(len(scenario.servers))}
+    spans = tuple(Span(j, 0, L, n) for j, n in held.items() if n >= L)
     if not spans:
         need = (scenario.model.block_bytes + scenario.session_cache_bytes) * L / 1e9
         raise Infeasible(f"no server can hold the whole model ({L} blocks) plus one session's cache "
@@ -136,27 +130,31 @@ def response_estimate_s(chains: tuple[Chain, ...], rate: float) -> float:
     return service + waiting * service / (slots_total - busy)
 
 
-def tune_c(scenario: Scenario, rate: float | None = None, largest: int = 256) -> int:
+def gbpcr_candidates(scenario: Scenario, rate: float, largest: int = 256):
+    """(c, placement, its GCA chains' `response_estimate_s` at `rate`) for c = 1, 2, … while GBP-CR
+    places and GCA finds a chain."""
+    for c in range(1, largest + 1):
+        try:
+            placement = gbp_cr(scenario, c, rate)
+        except Infeasible:
+            return
+        found = gca(scenario, placement)
+        if not found:
+            return
+        yield c, placement, response_estimate_s(found, rate)
+
+
+def tune_c(scenario: Scenario, rate: float | None = None) -> int:
     """The concurrency per chain whose GBP-CR + GCA chains give the lowest `response_estimate_s`
     (the smallest such c on ties; the largest c that places at all when none can carry the rate).
     The authors tune c by their lower bound or by simulation; this estimate adds the queueing
     their bound leaves out, which at equal service times favours more slots."""
     rate = scenario.workload.rate if rate is None else rate
-    best, feasible = None, 0
-    for c in range(1, largest + 1):
-        try:
-            found = gca(scenario, gbp_cr(scenario, c, rate))
-        except Infeasible:
-            break
-        if not found:
-            break
-        feasible = c
-        estimate = response_estimate_s(found, rate)
-        if best is None or estimate < best[0]:
-            best = (estimate, c)
-    if feasible == 0:
+    scored = [(estimate, c) for c, _, estimate in gbpcr_candidates(scenario, rate)]
+    if not scored:
         raise Infeasible("the swarm cannot hold one chain of the model plus one session's cache")
-    return best[1] if best is not None and best[0] != math.inf else feasible
+    best = min(scored)  # (estimate, c): the smallest c among equal estimates
+    return best[1] if best[0] != math.inf else scored[-1][1]
 
 
 def jffc(view: SwarmView, request: Request, start: int = 0) -> Route | None:

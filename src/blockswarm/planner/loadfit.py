@@ -38,36 +38,24 @@ class Candidate:
     estimate_s: float  # the mean response time it should give at the workload's rate
 
 
-def candidates(scenario: Scenario, rate: float | None = None, families: tuple[str, ...] = ("cgbp", "gbpcr"),
-               ) -> list[Candidate]:
+def candidates(scenario: Scenario, rate: float | None = None) -> list[Candidate]:
     rate = scenario.workload.rate if rate is None else rate
     found = []
-
-    def score(family: str, size: int, placement: Placement) -> None:
-        found.append(Candidate(family, size, placement, chains.response_estimate_s(
-            chains.gca(scenario, placement), rate)))
-
-    if "cgbp" in families:
-        largest = cgbprr.max_feasible_R(scenario)
-        sizes = {1 << k for k in range(largest.bit_length()) if 1 << k <= largest} | {largest}
-        if largest:
-            sizes.add(wsrr.choose_R(scenario, rate))
+    largest = cgbprr.max_feasible_R(scenario)
+    if largest:
+        sizes = {1 << k for k in range(largest.bit_length())} | {largest, wsrr.choose_R(scenario, rate, largest)}
         for R in sorted(sizes):
-            score("cgbp", R, cgbprr.place(scenario, R).placement)
-    if "gbpcr" in families:
-        for c in range(1, 257):
-            try:
-                placement = chains.gbp_cr(scenario, c, rate)
-            except Infeasible:
-                break
-            score("gbpcr", c, placement)
+            placement = cgbprr.place(scenario, R).placement
+            found.append(Candidate("cgbp", R, placement, chains.response_estimate_s(chains.gca(scenario, placement),
+                                                                                    rate)))
+    found += [Candidate("gbpcr", c, placement, estimate)
+              for c, placement, estimate in chains.gbpcr_candidates(scenario, rate)]
     return found
 
 
-def choose(scenario: Scenario, rate: float | None = None, families: tuple[str, ...] = ("cgbp", "gbpcr"),
-           ) -> Candidate:
+def choose(scenario: Scenario, rate: float | None = None) -> Candidate:
     """The best-scoring candidate (the first of equals: CG-BP before GBP-CR, smaller sizes first)."""
-    found = candidates(scenario, rate, families)
+    found = candidates(scenario, rate)
     if not found:
         raise Infeasible("the swarm cannot hold the model plus one request's cache; add servers or memory")
     finite = [c for c in found if c.estimate_s != math.inf]

@@ -34,19 +34,28 @@ class RoutingDecision:
 
 def route(view: SwarmView, request: Request, start: int = 0) -> RoutingDecision:
     """`start` > 0: the tail of a route from that block boundary (a failed hop's replacement)."""
+    static = _free_now(view, request, start)
+    return RoutingDecision(static, view.now) if static is not None else _search(view, request, start)[0]
+
+
+def _free_now(view: SwarmView, request: Request, start: int) -> Route | None:
+    """Exact shortcut: waiting only adds to a route's cost, so the shortest route without waiting is
+    optimal whenever all its hops have room now (the common case when R is sized well); None when
+    some hop is full and the full search must run."""
     scenario = view.scenario
-    # Exact shortcut: waiting only adds to a route's cost, so the shortest route without waiting
-    # is optimal whenever all its hops have room now (the common case when R is sized well).
     static = memo_route(view, ("wsrr", request.client, request.prompt_tokens, request.output_tokens),
                         lambda j, a, b: hop_service_s(scenario, request, j, b - a), start)
-    if has_room(view, static):
-        return RoutingDecision(static, view.now)
+    return static if has_room(view, static) else None
+
+
+def _search(view: SwarmView, request: Request, start: int):
+    """The full waiting-aware search: (decision, the hops' free times, their costs, the graph)."""
     graph, ready, cost = _priced(view, request, start)
     found = cheapest(graph, cost)
     if found is None:
         raise Infeasible("no route can ever get cache for this request: it needs more slots than servers have")
     chosen, edges = found
-    return RoutingDecision(chosen, max(view.now, float(ready[edges].max())))
+    return RoutingDecision(chosen, max(view.now, float(ready[edges].max()))), ready, cost, graph
 
 
 def _priced(view: SwarmView, request: Request, start: int):
@@ -75,20 +84,22 @@ def route_or_queue(view: SwarmView, request: Request, start: int = 0) -> Route |
     none is free the request waits (None: the caller's FIFO queue; it is decided again when cache
     frees up or another request arrives). Nothing is reserved ahead, so slots never sit idle
     under a reservation whose turn has not come."""
-    decision = route(view, request, start)
+    static = _free_now(view, request, start)
+    if static is not None:
+        return static
+    decision, ready, cost, graph = _search(view, request, start)
     if decision.start_s <= view.now:
         return decision.route
     if view.queued == 0:
         return None
-    graph, ready, cost = _priced(view, request, start)
-    found = cheapest(graph, np.where(ready <= view.now, cost, math.inf))
+    found = cheapest(graph, np.where(ready <= view.now, cost, math.inf))  # the same prices, free hops only
     return None if found is None else found[0]
 
 
-def choose_R(scenario: Scenario, rate: float | None = None) -> int:
+def choose_R(scenario: Scenario, rate: float | None = None, largest: int | None = None) -> int:
     """R = round(λ·T̄ + √(λ·T̄)), T̄ the time of one request under the offline plan, capped by the largest feasible R."""
     rate = scenario.workload.rate if rate is None else rate
-    largest = cgbprr.max_feasible_R(scenario)
+    largest = cgbprr.max_feasible_R(scenario) if largest is None else largest  # (a caller that has it passes it)
     if largest == 0:
         raise Infeasible("the swarm cannot hold the model plus one request's cache; add servers or memory")
     # T̄ comes from the plan without the scenario's block caps (as the published simulator estimates it)
