@@ -87,24 +87,26 @@ def serve(
     _require(dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     with _interruptible("interrupted while starting; the server was not started"):
         from blockswarm.core.errors import BlockswarmError
-        from blockswarm.runtime.devices import check_device
+        from blockswarm.runtime.serveconfig import ServeConfig
 
-        try:  # (before the server's imports: a missing GPU is said in ~2 s, not ~8)
-            check_device(device)
+        config = ServeConfig(model=model, start=start, end=end, host=host, port=port, data_port=data_port,
+                             device=device, dtype=dtype, cache_tokens=cache_tokens,
+                             session_timeout_s=session_timeout, threads=threads, prefill_budget=prefill_budget,
+                             max_session_tokens=max_session_tokens, max_peer_share=max_peer_share,
+                             max_sessions=max_sessions, max_connections=max_connections,
+                             max_connections_per_address=max_connections_per_address, keys=keys, allow=allow,
+                             coordinator=coordinator, memory=memory_bytes)
+        try:  # (torch-free checks first: a mistyped option is said at once, not after ~8 s of imports)
+            config.check()
+            from blockswarm.runtime.devices import check_device
+
+            check_device(config.device)  # (before the server's imports: a missing GPU is said in ~2 s, not ~8)
         except BlockswarmError as exc:
             _fail(str(exc))
-        from blockswarm.runtime.server import ServeConfig, run_server
+        from blockswarm.runtime.server import run_server
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
         try:
-            config = ServeConfig(model=model, start=start, end=end, host=host, port=port, data_port=data_port,
-                                 device=device, dtype=dtype, cache_tokens=cache_tokens,
-                                 session_timeout_s=session_timeout, threads=threads, prefill_budget=prefill_budget,
-                                 max_session_tokens=max_session_tokens, max_peer_share=max_peer_share,
-                                 max_sessions=max_sessions, max_connections=max_connections,
-                                 max_connections_per_address=max_connections_per_address, keys=keys, allow=allow,
-                                 coordinator=coordinator, memory=memory_bytes)
-            config.check()
             if coordinator is not None:
                 from blockswarm.runtime.member import run_member
 
