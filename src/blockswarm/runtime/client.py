@@ -160,12 +160,13 @@ class DistributedModel:
     @classmethod
     def from_coordinator(cls, address: str, model: str = "smollm2", timeout_s: float = 60.0,
                          dtype: str = "float32", keys=None, wait_s: float = 120.0,
-                         on_wait: Callable[[str], None] | None = None) -> DistributedModel:
+                         on_wait: Callable[[str], None] | None = None, source: str | None = None) -> DistributedModel:
         """A model whose sessions each get their route from the coordinator at `address`. Waits up
-        to `wait_s` until the swarm covers the model (`on_wait` hears what it waits for)."""
+        to `wait_s` until the swarm covers the model (`on_wait` hears what it waits for).
+        `source`: the local address its connections leave from (an emulated host on the testbed)."""
         from blockswarm.runtime.coordinated import connect
 
-        return connect(cls, address, model, timeout_s, dtype, keys, wait_s, on_wait)
+        return connect(cls, address, model, timeout_s, dtype, keys, wait_s, on_wait, source)
 
     def session(self, max_length: int, prompt_tokens: int | None = None) -> InferenceSession:
         """A session for `max_length` tokens (`prompt_tokens` of them the prompt: a coordinator

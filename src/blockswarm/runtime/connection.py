@@ -26,7 +26,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadPeer, BadRequest, BlockswarmError, PeerGone, Refused, Timeout
-from blockswarm.runtime.messages import REFUSED_EVENTS, parse_address
+from blockswarm.runtime.messages import REFUSED_EVENTS, SourcedContext, dial, parse_address
 from blockswarm.runtime.protocol import (
     HEARTBEAT_MISSES, HEARTBEAT_S, MAX_HEADER_BYTES, ServerInfo, decode, encode, keep_alive, raise_if_error,
 )
@@ -37,11 +37,13 @@ from blockswarm.runtime.protocol import (
 LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | REFUSED_EVENTS
 
 
-def client_context() -> zmq.Context:
+def client_context(source: str | None = None) -> zmq.Context:
     """A ZeroMQ context for one client. Every hop of every session holds four sockets (control
     and data DEALERs, each with a monitor), so many concurrent sessions pass ZeroMQ's default
-    cap of 1023 sockets per context; this one allows as many as the platform does."""
-    context = zmq.Context()
+    cap of 1023 sockets per context; this one allows as many as the platform does.
+    `source`: the local address every connection leaves from (None: the system's choice)."""
+    context = SourcedContext()
+    context.source = source
     context.set(zmq.MAX_SOCKETS, context.get(zmq.SOCKET_LIMIT))
     return context
 
@@ -131,7 +133,8 @@ class Connection:
         self.steps = 0  # steps sent in the open session
 
     def _connect(self, port: int, max_reply_bytes: int) -> _Link:
-        return _Link(self._context, f"tcp://{self.host}:{port}", self.heartbeat_s, max_reply_bytes, self._secure)
+        return _Link(self._context, dial(self._context, self.host, port), self.heartbeat_s, max_reply_bytes,
+                     self._secure)
 
     def open(self, start: int, max_length: int, step_bytes: int, ticket: str | None = None) -> dict:
         """Open a session entering at block `start` for `max_length` tokens; `step_bytes`: the

@@ -30,10 +30,11 @@ RTT_EVERY_S = 60.0  # servers not measured yet are measured this often
 RTT_PER_ROUND = 64
 
 
-def connect(cls, address: str, model: str, timeout_s: float, dtype: str, keys, wait_s: float, on_wait):
+def connect(cls, address: str, model: str, timeout_s: float, dtype: str, keys, wait_s: float, on_wait,
+            source: str | None = None):
     if dtype not in DTYPES:
         raise BadRequest(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    context = client_context()
+    context = client_context(source)
     try:
         link = CoordinatorLink(context, address, keys)
         client = secrets.token_hex(8)

@@ -31,7 +31,8 @@ from blockswarm.runtime.messages import model_name
 from blockswarm.runtime.protocol import DTYPES, PROTOCOL_VERSION
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.devices import check_device
-from blockswarm.runtime.server import Server, ServeConfig, announce_ready
+from blockswarm.runtime.connection import client_context
+from blockswarm.runtime.server import Server, ServeConfig, announce_ready, emulated_profile
 
 log = logging.getLogger("blockswarm.server")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -99,7 +100,8 @@ def run_member(config: ServeConfig, keys=None) -> None:
     path = resolve_model(config.model)
     model_config = load_config(path)
     context_tokens = getattr(model_config, "max_position_embeddings", None)
-    memory = config.memory or default_memory(config.device)
+    emulation = config.emulation
+    memory = emulation.memory_bytes if emulation else (config.memory or default_memory(config.device))
     itemsize = DTYPES[config.dtype].itemsize
     endpoints = Endpoints(config, port_limits(config, context_tokens or config.cache_tokens,
                                               int(model_config.hidden_size), itemsize), RateLimitedLog(log))
@@ -108,23 +110,31 @@ def run_member(config: ServeConfig, keys=None) -> None:
             import torch
 
             torch.set_num_threads(config.threads)
-        probe = Span.load(path, 0, 1, dtype=DTYPES[config.dtype], device=config.device)
-        profile = measure(probe)
-        params = sum(p.numel() for p in probe.blocks.parameters())
-        del probe
-        host = config.host
+        if emulation is None:
+            probe = Span.load(path, 0, 1, dtype=DTYPES[config.dtype], device=config.device)
+            profile = measure(probe)
+            params = sum(p.numel() for p in probe.blocks.parameters())
+            del probe
+        else:  # the emulated device's times, and the emulated model's sizes for the coordinator's accounting
+            profile, params = emulated_profile(emulation), emulation.params_per_block
         control_port = int(endpoints.control.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         data_port = int(endpoints.data.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         registration = {
             "version": PROTOCOL_VERSION, "model": model_name(config.model), "fingerprint": model_fingerprint(path),
             "num_blocks": int(model_config.num_hidden_layers), "hidden_size": int(model_config.hidden_size),
-            "d_kv": kv_width(model_config), "params_per_block": int(params), "dtype": config.dtype,
-            "itemsize": itemsize, "address": f"{host}:{control_port}", "data_port": data_port,
-            "device": config.device, "memory_bytes": memory, "block_decode_s": profile.block_decode_s,
-            "block_prefill_s_per_token": profile.block_prefill_s_per_token,
+            "d_kv": emulation.d_kv if emulation else kv_width(model_config), "params_per_block": int(params),
+            "dtype": config.dtype, "itemsize": itemsize, "address": f"{config.reachable_host}:{control_port}",
+            "data_port": data_port, "device": emulation.label if emulation else config.device, "memory_bytes": memory,
+            "block_decode_s": profile.block_decode_s, "block_prefill_s_per_token": profile.block_prefill_s_per_token,
             "block_prefill_base_s": profile.block_prefill_base_s,
         }
-        member = Member(zmq.Context(), config.coordinator, keys)  # its own: the server destroys its context on exit
+        if emulation is not None:
+            registration.update(weight_bytes_per_param=emulation.weight_bytes_per_param,
+                                weight_overhead=emulation.weight_overhead, kv_bytes=emulation.kv_bytes)
+        if config.end > 0:  # it asks for its span (the testbed places as its simulator does); the coordinator adopts it
+            registration.update(start=config.start, end=config.end)
+        # its own context (the server destroys its context on exit), leaving from the server's public address
+        member = Member(client_context(config.public_host), config.coordinator, keys)
         reply = _patiently(lambda: member.register(registration), config.coordinator)
         print(f"JOINED {registration['address']} coordinator {config.coordinator} memory {memory / 2**30:.2f} GiB "
               f"decode {profile.block_decode_s * 1e3:.3f} ms/block/token; waiting for a span", flush=True)

@@ -39,6 +39,20 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class SourcedContext(zmq.Context):
+    """A ZeroMQ context whose outgoing connections leave from one local address (`source`), as
+    `tcp://SRC:0;HOST:PORT` asks: a process standing for an emulated host (the testbed) is then
+    seen by everyone it connects to as that host. `source` None: the system chooses."""
+
+    source: str | None = None  # (declared on the class: pyzmq takes other attributes for options)
+
+
+def dial(context: zmq.Context, host: str, port: int) -> str:
+    """The endpoint to connect a socket of `context` to host:port (from its source address, if any)."""
+    source = getattr(context, "source", None)
+    return f"tcp://{source}:0;{host}:{port}" if source else f"tcp://{host}:{port}"
+
+
 def model_name(model: str) -> str:
     """The name a swarm knows a model by: `smollm2`, or a local model's folder name."""
     return os.path.basename(os.path.normpath(model)) if os.sep in model else model
@@ -132,6 +146,15 @@ def duration(header: dict, name: str, positive: bool = False) -> float:
     return float(value)
 
 
+
+
+def number(header: dict, name: str, low: float, high: float) -> float:
+    """A finite number in (low, high]."""
+    value = header.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not low < value <= high:
+        raise BadRequest(f"{name} must be a number in ({low:g}, {high:g}], got {value!r:.40}")
+    return float(value)
 
 
 def encode_header(header: dict) -> bytes:

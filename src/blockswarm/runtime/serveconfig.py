@@ -9,6 +9,40 @@ from blockswarm.runtime.messages import DTYPE_ITEMSIZE
 
 
 @dataclass(frozen=True, slots=True)
+class Emulation:
+    """Another device's speed and memory, taken on by a server whose own compute is negligible
+    (the testbed: a tiny model standing for a big one). Each step's reply is held until the
+    emulated device would have finished it; steps of different sessions overlap, as the
+    performance model's servers batch them for free. The server registers these times and this
+    memory, and the model's accounting numbers (block size, KV width and bytes), instead of its own.
+    It knows nothing of scenarios: `testbed.devices` fills it from one."""
+
+    block_decode_s: float  # seconds per token per block
+    block_prefill_s_per_token: float  # a prompt of n tokens: per block, n * this + base
+    block_prefill_base_s: float
+    memory_bytes: int
+    d_kv: int
+    params_per_block: int
+    weight_bytes_per_param: float
+    weight_overhead: float
+    kv_bytes: int
+    label: str = "an emulated device"  # said in the READY line
+
+    def step_s(self, blocks: int, tokens: int, prompt: bool) -> float:
+        """How long the emulated device computes a step of `tokens` tokens over `blocks` blocks."""
+        if prompt:
+            return blocks * (self.block_prefill_s_per_token * tokens + self.block_prefill_base_s)
+        return blocks * self.block_decode_s * tokens
+
+    def check(self) -> None:
+        if not (self.block_decode_s > 0 and self.block_prefill_s_per_token >= 0 and self.block_prefill_base_s >= 0):
+            raise ConfigError("an emulated device needs a positive decode time and non-negative prefill times")
+        if min(self.memory_bytes, self.d_kv, self.params_per_block, self.kv_bytes) < 1 or \
+                not self.weight_bytes_per_param > 0 or not self.weight_overhead > 0:
+            raise ConfigError("an emulated device needs positive memory and model sizes")
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     model: str
     start: int = 0  # the span; with a coordinator, the coordinator assigns it
@@ -31,6 +65,13 @@ class ServeConfig:
     allow: str | None = None  # directory of the public keys (*.key) of the clients admitted
     coordinator: str | None = None  # host:port of the coordinator that places this server (no --blocks)
     memory: int | None = None  # bytes this server offers a coordinator (weights + cache); None: measured
+    public_host: str | None = None  # the address others reach it at and its own connections leave from
+    #   (the testbed's link emulator listens there on the same ports); None: `host`
+    emulation: Emulation | None = None  # take on another device's speed and memory (the testbed)
+
+    @property
+    def reachable_host(self) -> str:
+        return self.public_host or self.host
 
     def check(self) -> None:
         """Values a user typed; each error says what to change."""
@@ -47,6 +88,8 @@ class ServeConfig:
             raise ConfigError(f"--max-peer-share must be in (0, 1], got {self.max_peer_share}")
         if self.coordinator is None and not 0 <= self.start < self.end:
             raise ConfigError("give --blocks START:END, or --coordinator HOST:PORT to have a coordinator place it")
+        if self.emulation is not None:
+            self.emulation.check()
         if (self.keys is None) != (self.allow is None):
             raise ConfigError("a private server needs both --keys DIR/NAME (its own key pair) and --allow DIR "
                               "(the clients' public keys)")

@@ -12,6 +12,8 @@ always get their turn.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import logging
 import signal
 import threading
@@ -64,6 +66,9 @@ class Server:
         self.address: str | None = None
         self.data_port: int | None = None
         self._stop = threading.Event()
+        # replies an emulated device has not finished yet: (due, order, identity, reply, tensors, received)
+        self._held: list[tuple] = []
+        self._held_order = itertools.count()
 
     @classmethod
     def load(cls, config: ServeConfig) -> "Server":
@@ -80,7 +85,8 @@ class Server:
             if config.threads:
                 torch.set_num_threads(config.threads)
             span = Span.load(path, config.start, config.end, dtype=DTYPES[config.dtype], device=config.device)
-            return cls(config, span, measure(span), model_fingerprint(path), context_tokens, endpoints)
+            profile = emulated_profile(config.emulation) if config.emulation else measure(span)
+            return cls(config, span, profile, model_fingerprint(path), context_tokens, endpoints)
         except BaseException:
             endpoints.close()
             raise
@@ -123,7 +129,7 @@ class Server:
         """
         ends = self.endpoints
         control, data, guards = ends.control, ends.data, ends.guards
-        self.address = f"{self.config.host}:{_port(control)}"
+        self.address = f"{self.config.reachable_host}:{_port(control)}"
         self.data_port = _port(data)
         # the data socket moves to the compute thread; thread start is the memory barrier ZeroMQ asks for
         compute = threading.Thread(target=self._compute_loop, args=(data, guards[1]), name="compute", daemon=True)
@@ -181,8 +187,10 @@ class Server:
     def _compute_loop(self, data: zmq.Socket, guard: Guard) -> None:
         try:
             while not self._stop.is_set():
+                if self._held:
+                    self._send_due(data)
                 if not self.steps:
-                    if data.poll(100):
+                    if data.poll(self._idle_ms()):
                         self._take_steps(data, guard)
                 elif not self.steps.full:
                     self._take_steps(data, guard)  # steps that came in during the last slice
@@ -190,6 +198,23 @@ class Server:
                     self._run_slice(data)
         finally:
             data.close(linger=0)
+
+    def _idle_ms(self) -> int:
+        """How long the compute thread may wait for steps: until the next held reply is due. zmq's
+        poll counts whole milliseconds, so the last stretch is slept precisely instead."""
+        if not self._held:
+            return 100
+        left = self._held[0][0] - time.perf_counter()
+        if left <= 0.0015:
+            time.sleep(max(0.0, left))
+            return 0
+        return int((left - 0.001) * 1000)
+
+    def _send_due(self, data: zmq.Socket) -> None:
+        now = time.perf_counter()
+        while self._held and self._held[0][0] <= now:
+            _, _, identity, reply, tensors, received = heapq.heappop(self._held)
+            data.send_multipart([identity, *self._finish(reply, tensors, received)], copy=False)
 
     def _take_steps(self, data: zmq.Socket, guard: Guard) -> None:
         """Read waiting steps into the queue; answer the ones that cannot run at once."""
@@ -258,6 +283,14 @@ class Server:
         self.steps.advance(finished)
         if finished:
             hidden = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, dim=1)
+            emulation = self.config.emulation
+            if emulation is not None:  # the reply leaves when the emulated device would have finished
+                device_s = emulation.step_s(self.span.end - session.start, job.tokens, prompt=job.number == 1)
+                reply = ok(job.rid, step=job.number, compute_s=device_s)
+                heapq.heappush(self._held, (job.received + device_s, next(self._held_order), job.identity, reply,
+                                            (hidden,), job.received))
+                self._send_due(data)
+                return
             reply = ok(job.rid, step=job.number, compute_s=job.compute_s)
             data.send_multipart([job.identity, *self._finish(reply, (hidden,), job.received)], copy=False)
 
@@ -340,15 +373,21 @@ def announce_ready(server: Server, on_signal=None) -> None:
     def announce(srv: Server) -> None:
         p = srv.profile
         config = srv.config
+        emulating = f" emulating {config.emulation.label}" if config.emulation else ""
         print(f"READY {srv.address} blocks {config.start}:{config.end} data port {srv.data_port} "
               f"decode {p.block_decode_s * 1e3:.3f} ms/block/token "
               f"prefill {p.block_prefill_s_per_token * 1e3:.4f} ms/token + {p.block_prefill_base_s * 1e3:.3f} ms per block"
-              f"{' private' if srv.endpoints.private else ''}",
+              f"{' private' if srv.endpoints.private else ''}{emulating}",
               flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (on_signal or server.stop)())
     server.serve(announce)
+
+
+def emulated_profile(emulation) -> SpanProfile:
+    """An emulated device's times, reported instead of measured ones."""
+    return SpanProfile(emulation.block_decode_s, emulation.block_prefill_s_per_token, emulation.block_prefill_base_s)
 
 
 def _session_tokens(config: ServeConfig, context_tokens: int | None) -> int:

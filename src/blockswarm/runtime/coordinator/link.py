@@ -15,7 +15,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadPeer, BadRequest, Refused, Timeout
 from blockswarm.runtime.messages import (
-    MAX_HEADER_BYTES, REFUSED_EVENTS, decode_header, encode_header, keep_alive, parse_address, raise_if_error,
+    MAX_HEADER_BYTES, REFUSED_EVENTS, decode_header, dial, encode_header, keep_alive, parse_address, raise_if_error,
 )
 
 
@@ -40,7 +40,7 @@ class CoordinatorLink:
 
             secure_client(socket, self.keys, self.address)
         self.monitor = socket.get_monitor_socket(REFUSED_EVENTS)  # before connect: no event missed
-        socket.connect(f"tcp://{self.host}:{self.port}")
+        socket.connect(dial(self.context, self.host, self.port))
         return socket
 
     def call(self, op: str, timeout_s: float = 10.0, **fields) -> dict:

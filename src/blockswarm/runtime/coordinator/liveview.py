@@ -39,8 +39,10 @@ class LiveView:
     def _build_scenario(self, members: list[ServerRecord]) -> Scenario:
         shape, config = self.shape, self.config
         model = ModelSpec(shape["model"], shape["num_blocks"], shape["hidden_size"], shape["d_kv"],
-                          shape["params_per_block"], weight_bytes_per_param=float(shape["itemsize"]),
-                          kv_bytes=shape["itemsize"])
+                          shape["params_per_block"],
+                          weight_bytes_per_param=float(shape.get("weight_bytes_per_param", shape["itemsize"])),
+                          weight_overhead=float(shape.get("weight_overhead", 1.0)),
+                          kv_bytes=shape.get("kv_bytes", shape["itemsize"]))
         servers = tuple(ServerSpec(r.address, r.id, float(r.memory_bytes), r.block_decode_s,
                                    r.block_prefill_s_per_token, r.block_prefill_base_s, r.device) for r in members)
         clients = tuple(ClientSpec(name, name) for name in self.client_order()) or (ClientSpec("any", "any"),)

@@ -35,7 +35,7 @@ from blockswarm.runtime.coordinator.swarm import DEFAULT_RTT_S, HEARTBEAT_S, Swa
 from blockswarm.runtime.endpoints import MAX_FRAMES, bind_router, receive
 from blockswarm.runtime.guard import PortLimits
 from blockswarm.runtime.messages import (
-    MAX_HEADER_BYTES, PROTOCOL_VERSION, decode_header, duration, encode_header, error_reply, integer, ok, text,
+    MAX_HEADER_BYTES, PROTOCOL_VERSION, decode_header, duration, encode_header, error_reply, integer, number, ok, text,
 )
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.security import KeyPair, start_gate
@@ -225,6 +225,10 @@ class Coordinator:
                 "block_decode_s": duration(header, "block_decode_s", positive=True),
                 "block_prefill_s_per_token": duration(header, "block_prefill_s_per_token"),
                 "block_prefill_base_s": duration(header, "block_prefill_base_s"), "start": None, "end": None}
+        # the model's accounting sizes, when they are not the weights' dtype (an emulated big model)
+        info["kv_bytes"] = integer(header, "kv_bytes", 1, 8) if "kv_bytes" in header else info["itemsize"]
+        for name, default in (("weight_bytes_per_param", float(info["itemsize"])), ("weight_overhead", 1.0)):
+            info[name] = number(header, name, 0, 64) if name in header else default
         if header.get("start") is not None:
             info["start"] = integer(header, "start", 0, num_blocks - 1)
             info["end"] = integer(header, "end", info["start"] + 1, num_blocks)

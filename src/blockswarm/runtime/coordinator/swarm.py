@@ -106,7 +106,8 @@ class Swarm(LiveView, Placing):
     def register(self, info: dict, key: str | None = None) -> ServerRecord:
         """A server joins (or comes back): `info` is checked by the service; returns its record."""
         shape = {k: info[k] for k in ("model", "fingerprint", "num_blocks", "hidden_size", "d_kv",
-                                      "params_per_block", "dtype", "itemsize")}
+                                      "params_per_block", "dtype", "itemsize", "kv_bytes",
+                                      "weight_bytes_per_param", "weight_overhead") if k in info}
         if shape["model"] != self.config.model:
             raise ConfigError(f"this coordinator serves model {self.config.model!r}; the server holds "
                               f"{shape['model']!r}")
