@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from blockswarm.cli import coordination, demo, frontdoor, planning, swarm  # noqa: F401  (registers the commands)
+from blockswarm.cli import coordination, demo, frontdoor, planning, swarm, testbed  # noqa: F401  (registers the commands)
 from blockswarm.cli.common import app
 
 

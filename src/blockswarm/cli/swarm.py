@@ -49,16 +49,26 @@ def serve(
     max_sessions: int = typer.Option(4096, help="Sessions open at once, from everybody."),
     max_connections: int = typer.Option(1024, help="Connections per port, from everybody."),
     max_connections_per_address: int = typer.Option(512, help="Connections per port from one source address."),
+    public_host: Optional[str] = typer.Option(None, help="The address others reach this server at, and its own "
+                                              "connections leave from (the testbed's link emulator listens there "
+                                              "on the same ports); default: --host."),
+    emulate: Optional[str] = typer.Option(None, help="SCENARIO.yaml:SERVER: take on that scenario server's device "
+                                          "(per-block decode and prefill times, memory, the scenario model's sizes); "
+                                          "a tiny model computes underneath (the testbed)."),
+    time_scale: float = typer.Option(1.0, help="With --emulate: divide the device's times by this."),
 ):
     """Hold a span of blocks and serve sessions over ZeroMQ until Ctrl-C.
 
     Example: blockswarm serve --model smollm2 --blocks 0:15 --port 5551
     Placed by a coordinator: blockswarm serve --coordinator 127.0.0.1:5550 --memory 300MiB
     Private: blockswarm serve --blocks 0:15 --keys keys/server1 --allow keys/clients"""
-    _require((blocks is None) != (coordinator is None),
-             "give --blocks START:END (the blocks to hold) or --coordinator HOST:PORT (to be placed), not both")
+    _require(blocks is not None or coordinator is not None,
+             "give --blocks START:END (the blocks to hold) or --coordinator HOST:PORT (to be placed); with both, "
+             "the server asks the coordinator for that span")
     _require(memory is None or coordinator is not None, "--memory is what a server offers a coordinator; "
              "use it with --coordinator (without one, --cache-tokens sizes the cache)")
+    _require(memory is None or emulate is None, "--emulate brings the scenario server's memory; leave --memory out")
+    _require(time_scale > 0, f"--time-scale must be positive, got {time_scale}")
     start, end = _parse_span(blocks) if blocks else (0, 0)
     memory_bytes = None
     if memory is not None:
@@ -89,13 +99,22 @@ def serve(
         from blockswarm.core.errors import BlockswarmError
         from blockswarm.runtime.serveconfig import ServeConfig
 
+        emulation = None
+        if emulate is not None:
+            from blockswarm.testbed.devices import parse_emulate
+
+            try:
+                emulation = parse_emulate(emulate, time_scale)
+            except BlockswarmError as exc:
+                _fail(f"--emulate: {exc}")
         config = ServeConfig(model=model, start=start, end=end, host=host, port=port, data_port=data_port,
                              device=device, dtype=dtype, cache_tokens=cache_tokens,
                              session_timeout_s=session_timeout, threads=threads, prefill_budget=prefill_budget,
                              max_session_tokens=max_session_tokens, max_peer_share=max_peer_share,
                              max_sessions=max_sessions, max_connections=max_connections,
                              max_connections_per_address=max_connections_per_address, keys=keys, allow=allow,
-                             coordinator=coordinator, memory=memory_bytes)
+                             coordinator=coordinator, memory=memory_bytes, public_host=public_host,
+                             emulation=emulation)
         try:  # (torch-free checks first: a mistyped option is said at once, not after ~8 s of imports)
             config.check()
             from blockswarm.runtime.devices import check_device

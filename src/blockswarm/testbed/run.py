@@ -1,0 +1,288 @@
+"""`blockswarm testbed run`: a real swarm on emulated hosts and devices, driven with a scenario's
+workload, next to the simulator's prediction for the same scenario and seed.
+
+For each policy: the link emulator starts in front of every host (`links.py`), the coordinator on
+its host with the policy, and one server per scenario server on its host, emulating its device
+(`serve --emulate`) and asking for the span the policy's placement gives it (the simulator's
+placement for that seed, so both run the same swarm). One client per scenario client, each on its
+own host, sends that client's requests at their arrival times (divided by the time scale K),
+each with the policy's routing (the coordinator's). Measured times are multiplied by K back
+into the scenario's units.
+
+The simulator runs the same scenario, seed and requests with the runtime's own constants in
+place of the PETALS-measured overheads (a hop's overhead for decode and prefill steps, a
+request's set-up): fitted on a calibration run with its own seed (`seed + 1000`), never on the
+run it predicts. They are measured in real seconds and enter the simulator multiplied by K: the
+runtime's ~1 ms per hop is K ms in the scenario's units, which is why K stays small enough that
+the emulated devices and links dominate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from blockswarm.core.errors import BlockswarmError, ConfigError
+from blockswarm.core.specs import Request, Scenario
+from blockswarm.perf.scenario import load_scenario
+from blockswarm.planner import wsrr
+from blockswarm.planner.registry import PLACEMENTS, QUEUE_ROUTERS, parse_policy
+from blockswarm.sim.metrics import RequestRecord, percentile
+from blockswarm.sim.runner import simulate
+from blockswarm.sim.workload import generate
+from blockswarm.testbed import hosts as hostmap
+from blockswarm.testbed.devices import tiny_model
+from blockswarm.testbed.links import Listener, LinkPlan
+from blockswarm.testbed.procs import Processes
+
+METRICS = ("mean_per_token_s", "mean_ttft_s", "p90_per_token_s", "mean_wait_s")
+CALIBRATION_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class TestbedSettings:
+    """A scenario's `testbed:` section."""
+
+    time_scale: float = 10.0
+    requests: int | None = None  # None: the workload's
+    calibration_requests: int = 20
+    coordinator_location: str | None = None
+
+    @classmethod
+    def of(cls, path: str | Path) -> "TestbedSettings":
+        data = (yaml.safe_load(Path(path).read_text()) or {}).get("testbed") or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"testbed.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RuntimeConstants:
+    """The runtime's own costs, in real seconds (fitted by `calibrate`)."""
+
+    decode_hop_s: float = 0.001  # per hop per decode step, beyond the link's RTT and the device
+    prefill_hop_s: float = 0.001  # the same for the prompt's step
+    setup_s: float = 0.005  # per request: asking the coordinator, opening every hop
+
+    def scenario(self, scenario: Scenario, time_scale: float) -> Scenario:
+        """The scenario the simulator predicts the testbed with: these costs (×K) as its overheads,
+        and no per-token transfer term (a tiny model's hidden states cross the links in
+        microseconds; bandwidth terms of the real model do not carry over)."""
+        network = dataclasses.replace(scenario.network, decode_overhead_s=self.decode_hop_s * time_scale,
+                                      prefill_overhead_s=self.prefill_hop_s * time_scale,
+                                      prefill_s_per_token=0.0, setup_s=self.setup_s * time_scale)
+        return dataclasses.replace(scenario, network=network)
+
+
+@dataclass
+class Measured:
+    records: list[RequestRecord]
+    hop_samples: list[tuple[float, float, int]]  # (decode hop overhead, prefill hop overhead, hops) per request
+    setup_samples: list[float]
+
+
+def placement_for(scenario: Scenario, policy: str, seed: int):
+    placement_name, routing = parse_policy(policy)
+    if routing in QUEUE_ROUTERS:
+        raise ConfigError(f"{policy} dispatches from a central queue, which the coordinator does not run yet")
+    R = wsrr.choose_R(scenario) if placement_name == "cgbp" else None
+    return PLACEMENTS[placement_name](scenario, R, seed), R
+
+
+@contextlib.contextmanager
+def swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settings: TestbedSettings,
+          workdir: Path, constants: RuntimeConstants, say=print):
+    """The emulated swarm for one policy; yields (coordinator's public address, hosts by name)."""
+    K = settings.time_scale
+    hosts = hostmap.hosts_of(scenario, settings.coordinator_location)
+    by_name = {h.name: h for h in hosts}
+    placement, R = placement_for(scenario, policy, seed)
+    spans = {span.server: span for span in placement.spans}
+    model_dir = tiny_model(scenario.model.num_blocks)
+    servers = [(i, by_name[s.name]) for i, s in enumerate(scenario.servers) if i in spans]
+    coordinator_host = by_name[hostmap.COORDINATOR]
+    listeners = [Listener(coordinator_host.public, 0, coordinator_host.internal)]
+    for _, host in servers:
+        listeners += [Listener(host.public, 0, host.internal), Listener(host.public, 0, host.internal)]
+    plan = LinkPlan(listeners, hostmap.one_way_delays(scenario, hosts, K), stats=str(workdir / "links-stats.json"))
+    (workdir / "links.json").write_text(plan.to_json())
+    processes = Processes(workdir)
+    try:
+        import sys
+
+        links = processes.start("links", [sys.executable, "-m", "blockswarm.testbed.links", str(workdir / "links.json")])
+        line = links.stdout.readline()
+        if not line.startswith("LINKS READY "):
+            raise BlockswarmError(f"the link emulator did not start: {(workdir / 'links.log').read_text()[-500:]}")
+        ports = json.loads(line.split(" ", 2)[2])
+        coordinator_address = f"{coordinator_host.public}:{ports[0]}"
+        from blockswarm.runtime.launcher import wait_ready
+
+        command = [sys.executable, "-m", "blockswarm", "coordinator", "--model", model_dir.name, "--policy", policy,
+                   "--host", coordinator_host.internal, "--port", str(ports[0]),
+                   "--state", str(workdir / f"coordinator-{policy}.sqlite"),
+                   "--session-tokens", str(scenario.workload.max_tokens),
+                   "--hop-overhead-ms", f"{constants.decode_hop_s * 1e3:.4f}"]
+        if R is not None:
+            command += ["--R", str(R)]
+        wait_ready(processes.start("coordinator", command), 60)
+        started = []
+        for n, (index, host) in enumerate(servers):
+            span = spans[index]
+            name = scenario.servers[index].name
+            started.append(processes.start(f"server-{name}", [
+                sys.executable, "-m", "blockswarm", "serve", "--model", str(model_dir),
+                "--coordinator", coordinator_address, "--blocks", f"{span.start}:{span.end}",
+                "--host", host.internal, "--public-host", host.public,
+                "--port", str(ports[1 + 2 * n]), "--data-port", str(ports[2 + 2 * n]),
+                "--emulate", f"{scenario_path}:{name}", "--time-scale", f"{K:g}", "--threads", "1"]))
+        say(f"  {policy}: link emulator, coordinator and {len(started)} emulated servers starting "
+            f"(placement of seed {seed}{f', R = {R}' if R else ''})")
+        for process in started:
+            wait_ready(process, 180)
+        yield coordinator_address, by_name
+    finally:
+        processes.stop()
+
+
+def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: dict, K: float,
+          model_dir: Path) -> Measured:
+    """Send every request from its client's host at its arrival time / K; measure in scenario units."""
+    import torch
+
+    from blockswarm.runtime.client import DistributedModel
+
+    locations = {host.public: host.location for host in hosts.values()}
+    models = [DistributedModel.from_coordinator(coordinator, model=str(model_dir), wait_s=120,
+                                                source=hosts[c.name].public) for c in scenario.clients]
+    try:
+        time.sleep(1.5)  # the clients' first RTT reports reach the coordinator
+        records = [RequestRecord(r.request_id, r.client, r.arrival_s, r.prompt_tokens, r.output_tokens)
+                   for r in requests]
+        hop_samples, setup_samples, errors = [], [], []
+        lock = threading.Lock()
+        t0 = time.perf_counter() + 0.5
+
+        def one(request: Request, record: RequestRecord) -> None:
+            model = models[request.client]
+            head = model.head
+            due = t0 + request.arrival_s / K
+            time.sleep(max(0.0, due - time.perf_counter()))
+            begin = time.perf_counter()
+            try:
+                with torch.no_grad(), model.session(request.prompt_tokens + request.output_tokens,
+                                                    prompt_tokens=request.prompt_tokens) as session:
+                    opened = time.perf_counter()
+                    ids = torch.tensor([[3 + (request.request_id + i) % 250 for i in range(request.prompt_tokens)]])
+                    hidden = session.step(head.embed_tokens(ids, 0))
+                    token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+                    first = time.perf_counter()
+                    for _ in range(request.output_tokens - 1):
+                        hidden = session.step(head.embed_tokens(torch.tensor([[token]]), session.position))
+                        token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+                    done = time.perf_counter()
+                    timings = session.timings
+            except BlockswarmError as exc:
+                with lock:
+                    errors.append(f"request {request.request_id}: {exc}")
+                return
+            record.start = request.arrival_s + (opened - due) * K
+            record.first_token = request.arrival_s + (first - due) * K
+            record.completion = request.arrival_s + (done - due) * K
+            record.hops = len(timings)
+            with lock:
+                hop_samples.append(_overheads(scenario, locations, request, timings, K))
+                setup_samples.append(opened - begin)
+
+        threads = [threading.Thread(target=one, args=(r, rec), daemon=True) for r, rec in zip(requests, records)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise BlockswarmError(f"{len(errors)} of {len(requests)} requests failed on the testbed; first: {errors[0]}")
+        return Measured(records, hop_samples, setup_samples)
+    finally:
+        for model in models:
+            model.close()
+
+
+def _overheads(scenario: Scenario, locations: dict[str, str], request: Request, timings,
+               K: float) -> tuple[float, float, int]:
+    """Per hop: round trip − the device's time − the link's RTT (real seconds), for decode steps and
+    the prompt's step. `locations`: public address -> scenario location."""
+    decode, prefill = [], []
+    client_location = scenario.clients[request.client].location
+    for timing in timings:
+        location = locations[timing.address.rsplit(":", 1)[0]]
+        rtt = scenario.network.rtt(client_location, location) / K
+        steps = list(zip(timing.round_trip_s, timing.compute_s))
+        if steps:
+            prefill.append(steps[0][0] - steps[0][1] - rtt)
+            decode.extend(rt - c - rtt for rt, c in steps[1:])
+    return (statistics.fmean(decode) if decode else 0.0, statistics.fmean(prefill) if prefill else 0.0,
+            len(timings))
+
+
+def summary(records: list[RequestRecord]) -> dict:
+    done = [r for r in records if r.completion is not None]
+    per_token = [r.per_token_s for r in done]
+    return {"mean_per_token_s": statistics.fmean(per_token) if done else math.nan,
+            "mean_ttft_s": statistics.fmean(r.ttft_s for r in done) if done else math.nan,
+            "p50_per_token_s": percentile(per_token, 0.5), "p90_per_token_s": percentile(per_token, 0.9),
+            "mean_wait_s": statistics.fmean(r.wait_s for r in done) if done else math.nan,
+            "p50_ttft_s": percentile([r.ttft_s for r in done], 0.5),
+            "p90_ttft_s": percentile([r.ttft_s for r in done], 0.9), "n_completed": len(done)}
+
+
+def calibrate(measured: Measured, K: float) -> RuntimeConstants:
+    """The runtime's constants from a calibration run: per-hop overheads averaged over requests
+    (each request's mean over its steps), and the set-up (route + opening every hop) less one RTT
+    per hop, which the simulator already counts."""
+    decode = statistics.fmean(s[0] for s in measured.hop_samples)
+    prefill = statistics.fmean(s[1] for s in measured.hop_samples)
+    setup = statistics.fmean(measured.setup_samples)
+    return RuntimeConstants(max(decode, 0.0), max(prefill, 0.0), max(setup, 0.0))
+
+
+def relative_errors(predicted: dict, measured: dict) -> dict:
+    return {k: (predicted[k] - measured[k]) / measured[k] if measured[k] else math.nan for k in METRICS}
+
+
+def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSettings, workdir: Path,
+               constants: RuntimeConstants | None = None, say=print) -> dict:
+    """Calibrate (unless given constants), run the measured seed, predict it; one policy."""
+    scenario = load_scenario(scenario_path)
+    K = settings.time_scale
+    model_dir = tiny_model(scenario.model.num_blocks)
+    count = settings.requests or scenario.workload.num_requests
+    if constants is None:
+        calibration = generate(scenario, seed + CALIBRATION_SEED_OFFSET, count=settings.calibration_requests)
+        with swarm(scenario, scenario_path, policy, seed, settings, workdir, RuntimeConstants(), say) as (address, hosts):
+            say(f"  {policy}: calibration run (seed {seed + CALIBRATION_SEED_OFFSET}, {len(calibration)} requests)")
+            constants = calibrate(drive(scenario, calibration, address, hosts, K, model_dir), K)
+    requests = generate(scenario, seed, count=count)
+    with swarm(scenario, scenario_path, policy, seed, settings, workdir, constants, say) as (address, hosts):
+        say(f"  {policy}: measured run (seed {seed}, {len(requests)} requests, time scale {K:g})")
+        measured = drive(scenario, requests, address, hosts, K, model_dir)
+    predicted = simulate(constants.scenario(scenario, K), policy, seed, requests=requests)
+    measured_summary, predicted_summary = summary(measured.records), summary(predicted.records)
+    return {"measured": measured_summary, "predicted": predicted_summary,
+            "relative_error": relative_errors(predicted_summary, measured_summary),
+            "constants": dataclasses.asdict(constants),
+            "per_request": [{"id": m.request_id, "measured_per_token_s": m.per_token_s,
+                             "predicted_per_token_s": p.per_token_s, "measured_ttft_s": m.ttft_s,
+                             "predicted_ttft_s": p.ttft_s}
+                            for m, p in zip(measured.records, predicted.records) if p.completion is not None]}
+
