@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 CHUNK = 262144
 SEND_TIMEOUT_S = 10.0
-WAKE_S = 0.00025  # a timed wait here returns ~0.25 ms late (measured): wake that much early, send what is due by then
+WAKE_S = 0.00025  # a timed wait returns ~0.25 ms late here (measured): the first guess of how early to wake
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,7 @@ class LinkEmulator:
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._link_free: dict[tuple[str, str], float] = {}
+        self._early_s = WAKE_S  # how late timed waits return, learnt as they do: the sender wakes that early
         self._stop = threading.Event()
         self.lateness: list[float] = []  # seconds each chunk left after it was due (a sample)
         self.chunks = 0
@@ -174,13 +175,16 @@ class LinkEmulator:
             with self._wake:
                 while not self._stop.is_set():
                     if self._due:
-                        left = self._due[0][0] - time.perf_counter() - WAKE_S
+                        aim = self._due[0][0] - self._early_s
+                        left = aim - time.perf_counter()
                         if left <= 0:
                             break
-                        self._wake.wait(left)
+                        if not self._wake.wait(left):  # timed out: learn how late it woke
+                            late = time.perf_counter() - aim
+                            self._early_s = min(0.002, max(0.0, 0.9 * self._early_s + 0.1 * late))
                     else:
                         self._wake.wait(0.2)
-                now = time.perf_counter() + WAKE_S
+                now = time.perf_counter() + self._early_s
                 ready = []
                 while self._due and self._due[0][0] <= now:
                     ready.append(heapq.heappop(self._due))
