@@ -119,7 +119,12 @@ class Coordinated:
                             raise
                         time.sleep(0.5)
 
+            released = []
+
             def release() -> None:
+                if released:  # (a session that failed while opening is closed, then released by us)
+                    return
+                released.append(True)
                 try:
                     link.call("release", timeout_s=2.0, client=self.client, reservation=reservation)
                 except (BlockswarmError, zmq.ZMQError) as exc:  # (the context may be closing)

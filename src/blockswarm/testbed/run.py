@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from blockswarm.core.errors import BlockswarmError, ConfigError
+from blockswarm.core.errors import BlockswarmError, CacheFull, ConfigError
 from blockswarm.core.specs import Request, Scenario
 from blockswarm.perf.scenario import load_scenario
 from blockswarm.planner import wsrr
@@ -39,6 +40,7 @@ from blockswarm.planner.registry import PLACEMENTS, QUEUE_ROUTERS, parse_policy
 from blockswarm.sim.metrics import RequestRecord, percentile
 from blockswarm.sim.runner import simulate
 from blockswarm.sim.workload import generate
+from blockswarm.sim.world import MAX_BACKOFF_S
 from blockswarm.testbed import hosts as hostmap
 from blockswarm.testbed.devices import tiny_model
 from blockswarm.testbed.links import Listener, LinkPlan
@@ -179,10 +181,9 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
             head = model.head
             due = t0 + request.arrival_s / K
             time.sleep(max(0.0, due - time.perf_counter()))
-            begin = time.perf_counter()
             try:
-                with torch.no_grad(), model.session(request.prompt_tokens + request.output_tokens,
-                                                    prompt_tokens=request.prompt_tokens) as session:
+                session, begin = _open(model, request, K)
+                with torch.no_grad(), session:
                     opened = time.perf_counter()
                     ids = torch.tensor([[3 + (request.request_id + i) % 250 for i in range(request.prompt_tokens)]])
                     hidden = session.step(head.embed_tokens(ids, 0))
@@ -216,6 +217,18 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
     finally:
         for model in models:
             model.close()
+
+
+def _open(model, request: Request, K: float):
+    """A session for the request; a swarm without room is asked again after 1, 2, 4 … 60 s (scenario
+    units), as PETALS' clients do and the simulator models. Returns it and when the last try began."""
+    for attempt in itertools.count():
+        begin = time.perf_counter()
+        try:
+            return model.session(request.prompt_tokens + request.output_tokens,
+                                 prompt_tokens=request.prompt_tokens), begin
+        except CacheFull:
+            time.sleep(min(2.0 ** attempt, MAX_BACKOFF_S) / K)
 
 
 def _overheads(scenario: Scenario, locations: dict[str, str], request: Request, timings,
