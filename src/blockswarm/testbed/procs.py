@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from blockswarm.runtime.launcher import stop_all
 
 PR_SET_PDEATHSIG = 1
 
@@ -57,18 +58,7 @@ class Processes:
         return process
 
     def stop(self, grace_s: float = 5.0) -> None:
-        for _, process in reversed(self.children):
-            if process.poll() is None:
-                process.terminate()
-        deadline = time.monotonic() + grace_s
-        for _, process in self.children:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout:
-                process.stdout.close()
+        stop_all([process for _, process in reversed(self.children)], grace_s)
         self.state.unlink(missing_ok=True)
 
 

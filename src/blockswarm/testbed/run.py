@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -121,8 +122,6 @@ def swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settin
     (workdir / "links.json").write_text(plan.to_json())
     processes = Processes(workdir)
     try:
-        import sys
-
         links = processes.start("links", [sys.executable, "-m", "blockswarm.testbed.links", str(workdir / "links.json")])
         line = links.stdout.readline()
         if not line.startswith("LINKS READY "):
@@ -259,7 +258,7 @@ def summary(records: list[RequestRecord]) -> dict:
             "p90_ttft_s": percentile([r.ttft_s for r in done], 0.9), "n_completed": len(done)}
 
 
-def calibrate(measured: Measured, K: float) -> RuntimeConstants:
+def calibrate(measured: Measured) -> RuntimeConstants:
     """The runtime's constants from a calibration run: per-hop overheads averaged over requests
     (each request's mean over its steps), and the set-up (asking the coordinator, opening every
     hop): the median, since a request the coordinator held (WS-RR's wait) has a longer one."""
@@ -284,7 +283,7 @@ def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSett
         calibration = generate(scenario, seed + CALIBRATION_SEED_OFFSET, count=settings.calibration_requests)
         with swarm(scenario, scenario_path, policy, seed, settings, workdir, RuntimeConstants(), say) as (address, hosts):
             say(f"  {policy}: calibration run (seed {seed + CALIBRATION_SEED_OFFSET}, {len(calibration)} requests)")
-            constants = calibrate(drive(scenario, calibration, address, hosts, K, model_dir), K)
+            constants = calibrate(drive(scenario, calibration, address, hosts, K, model_dir))
     requests = generate(scenario, seed, count=count)
     with swarm(scenario, scenario_path, policy, seed, settings, workdir, constants, say) as (address, hosts):
         say(f"  {policy}: measured run (seed {seed}, {len(requests)} requests, time scale {K:g})")
