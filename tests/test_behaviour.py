@@ -1,6 +1,7 @@
-"""The published runs' knobs (scenario `behaviour:`, published-runs.md §A), each on a case small
-enough to compute by hand: allocation delay, back-off rounding, the block cap, a pinned PETALS
-join order, and the published simulator's arrival stream."""
+"""The simulator's behaviour profiles (scenario `behaviour:`), each knob on a case small enough to
+compute by hand. The published runs' (published-runs.md §A): allocation delay, back-off rounding,
+the block cap, a pinned PETALS join order, and the published simulator's arrival stream. The
+runtime's: hop-level steps with a server computing one step at a time, and the client's work."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import dataclasses
 import math
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from blockswarm.core.errors import ConfigError
+from blockswarm.core.errors import ConfigError, Infeasible
 from blockswarm.core.specs import Behaviour, Request
 from blockswarm.perf.scenario import load_scenario, parse_scenario
 from blockswarm.planner import cgbprr, petals, wsrr
@@ -17,7 +20,7 @@ from blockswarm.sim.runner import simulate, with_workload
 from blockswarm.sim.workload import generate
 from blockswarm.sim.world import backoff_instant
 
-from planner_instances import tiny_scenario
+from planner_instances import scenarios, tiny_scenario
 
 
 def behaving(scenario, **knobs):
@@ -104,5 +107,61 @@ def test_behaviour_fields_are_checked_and_the_published_profile_fills_them():
     assert own.behaviour.allocation_delay_s == {"petals": 350.0}
     for bad, field in [({"petals_join_order": [0, 0]}, "petals_join_order"), ({"profile": "paper"}, "profile"),
                        ({"backoff_rounding": "yes"}, "backoff_rounding"), ({"delay": 3}, "delay")]:
+        with pytest.raises(ConfigError, match=f"behaviour.{field}"):
+            parse_scenario({**base, "behaviour": bad})
+
+
+# -- the runtime profile: every hop of every step, a server computing one step at a time ---------
+
+def _two_at_once(scenario, **knobs):
+    """Two sessions on one server, arriving together; their time per output token after the first."""
+    scenario = with_workload(behaving(scenario, **knobs), output_tokens=60)
+    requests = [Request(0, 4, 60, arrival_s=0.0, request_id=0), Request(0, 4, 60, arrival_s=0.0, request_id=1)]
+    return [r.tpot_s for r in simulate(scenario, "petals", requests=requests).records]
+
+
+def test_a_server_computing_one_step_at_a_time_makes_two_sessions_alternate():
+    # one server with all 3 blocks at 20 ms each (d = 60 ms a step), the client beside it
+    # (r = 5 ms RTT + 10 ms overhead a hop): alone a step takes d + r = 75 ms
+    scenario = tiny_scenario(3, [20e9], [0.02], ["a"], ["a"])
+    d, r = 0.06, 0.015
+    assert _two_at_once(scenario) == pytest.approx([d + r] * 2, rel=1e-9)  # the performance model: no contention
+    assert _two_at_once(scenario, hop_level=True, host_block_s=0.0) == pytest.approx([d + r] * 2, rel=1e-9)
+    # the device itself computes one step at a time: the server never rests, a step every 2d per session
+    assert _two_at_once(scenario, hop_level=True) == pytest.approx([2 * d] * 2, rel=0.01)
+    # an emulated device overlaps the two, but its host's own 30 ms a block is serial: 2 × 90 ms
+    assert _two_at_once(scenario, hop_level=True, host_block_s=0.03) == pytest.approx([0.18] * 2, rel=0.01)
+    # a light host does not show: each session's step comes back every d + r, as alone
+    assert _two_at_once(scenario, hop_level=True, host_block_s=0.001) == pytest.approx([d + r] * 2, rel=1e-9)
+    # the client's own work per step adds to every step
+    assert _two_at_once(scenario, hop_level=True, host_block_s=0.0, client_step_s=0.004) == pytest.approx(
+        [d + r + 0.004] * 2, rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(scenarios(), st.sampled_from(["petals", "cgbprr", "cgbp+wsrr"]), st.integers(0, 3))
+def test_the_hop_level_runtime_profile_without_serial_work_is_the_performance_model(scenario, policy, seed):
+    """Every hop and step simulated one by one, with nothing serial, lands where the closed form of
+    the performance model puts each request: the hop-level machinery adds no time of its own."""
+    scenario = dataclasses.replace(scenario, network=dataclasses.replace(scenario.network, setup_s=0.02))
+    try:
+        plain = simulate(scenario, policy, seed).records
+    except Infeasible:  # too little memory for the model: nothing to compare
+        assume(False)
+    hops = simulate(behaving(scenario, hop_level=True, host_block_s=0.0), policy, seed).records
+    for a, b in zip(plain, hops):
+        assert (a.start, a.hops) == (b.start, b.hops)
+        assert b.first_token == pytest.approx(a.first_token, rel=1e-9, abs=1e-9)
+        assert b.completion == pytest.approx(a.completion, rel=1e-9, abs=1e-9)
+
+
+def test_the_runtime_profile_fields_are_checked():
+    base = {"model": {"catalogue": "bloom-176b"}, "servers": [{"count": 2, "hardware": "a100-80gb", "location": "x"}],
+            "clients": [{"location": "x"}], "network": {}}
+    runtime = parse_scenario({**base, "behaviour": {"profile": "runtime", "host_block_s": 0.002}}).behaviour
+    assert runtime.hop_level and runtime.host_block_s == 0.002 and runtime.client_step_s == 0.0
+    assert not parse_scenario(base).behaviour.hop_level  # the default stays the performance model
+    for bad, field in [({"hop_level": 1}, "hop_level"), ({"host_block_s": -1}, "host_block_s"),
+                       ({"client_step_s": "fast"}, "client_step_s")]:
         with pytest.raises(ConfigError, match=f"behaviour.{field}"):
             parse_scenario({**base, "behaviour": bad})

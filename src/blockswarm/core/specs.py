@@ -99,9 +99,10 @@ class WorkloadSpec:
 
 @dataclass(frozen=True)
 class Behaviour:
-    """Where published studies' swarms behave differently from ours (published-runs.md), as
-    scenario fields rather than code: the "published" profile sets the first three to what the
-    authors' simulator does; the default profile leaves every one off."""
+    """Where swarms behave differently from the performance model, as scenario fields rather than
+    code: the "published" profile sets the first three to what the published studies' simulator
+    does (published-runs.md); the "runtime" profile simulates what blockswarm's runtime does (each
+    step's hops, each server computing one step at a time); the default profile leaves every one off."""
 
     profile: str = "default"
     # policy name (as given, or its PLACEMENT+ROUTING) -> seconds each request waits, holding its
@@ -110,6 +111,10 @@ class Behaviour:
     backoff_rounding: bool = False  # WS-RR clients poll with PETALS' back-off: waits end at 1, 3, 7, 15, … s
     max_blocks: dict[str, int] = field(default_factory=dict)  # hardware -> cap on a server's blocks (CG-BP)
     petals_join_order: tuple[int, ...] | None = None  # server indices in join order; None: random per seed
+    # the "runtime" profile: what blockswarm's own runtime does, step by step and hop by hop
+    hop_level: bool = False  # simulate every step's every hop; a server computes one step at a time
+    host_block_s: float | None = None  # a server's serial work per block per step; None: its device's time
+    client_step_s: float = 0.0  # the client's own work per step (embedding, head, sampling)
 
 
 @dataclass(frozen=True, slots=True)

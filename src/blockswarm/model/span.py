@@ -98,11 +98,13 @@ class Span:
         return SpanCache(DynamicCache(config=self.config))
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: SpanCache, first: int | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: SpanCache, first: int | None = None,
+                between_blocks=None) -> torch.Tensor:
         """hidden: (1, n_new, hidden_size) for tokens at positions cache.length .. cache.length+n_new-1.
 
         `first` is the block to enter at (default: the span's start); a route may enter a server
-        mid-span, and it always computes to the end of the span.
+        mid-span, and it always computes to the end of the span. `between_blocks`, if given, is
+        called after each block (an emulating server sends replies that fell due meanwhile).
         """
         skip = 0 if first is None else first - self.start
         n_new = hidden.shape[1]
@@ -117,6 +119,8 @@ class Span:
             hidden = block(hidden, attention_mask=masks[layer_type], use_cache=True, **extra)
             if isinstance(hidden, tuple):  # BLOOM blocks return (hidden, ...)
                 hidden = hidden[0]
+            if between_blocks is not None:
+                between_blocks()
         cache.length += n_new
         return hidden
 

@@ -25,6 +25,12 @@ is the performance model's job (perf/hardware.py). Format (see scenarios/cluster
       backoff_rounding: true                 # WS-RR waits end at PETALS' back-off instants 1, 3, 7, 15 … s
       max_blocks: {mig-1g.10gb: 4}           # CG-BP's cap per hardware
       petals_join_order: [7, 2, 5, 0, 4, 1, 6, 8, 3]   # server indices; default: random per seed
+    # or what blockswarm's runtime does (the testbed fits these to measurements):
+    behaviour:
+      profile: runtime                       # = hop_level: true
+      hop_level: true                        # every step's every hop; a server computes one step at a time
+      host_block_s: 0.0012                   # its serial work per block per step (default: its device's time)
+      client_step_s: 0.0017                  # the client's own work per step
 """
 
 from __future__ import annotations
@@ -69,17 +75,19 @@ def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
 # What the published clustered runs did beyond their inputs (published-runs.md §A)
 PUBLISHED = dict(allocation_delay_s={"cgbprr": 60.0, "petals": 250.0}, backoff_rounding=True,
                  max_blocks={"mig-1g.10gb": 4})
+PROFILES = {"default": {}, "published": PUBLISHED, "runtime": {"hop_level": True}}
 
 
 def _behaviour(data: dict, servers: tuple[ServerSpec, ...]) -> Behaviour:
-    known = {"profile", "allocation_delay_s", "backoff_rounding", "max_blocks", "petals_join_order"}
+    known = {"profile", "allocation_delay_s", "backoff_rounding", "max_blocks", "petals_join_order", "hop_level",
+             "host_block_s", "client_step_s"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"behaviour.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
     profile = data.get("profile", "default")
-    if profile not in ("default", "published"):
-        raise ConfigError(f"behaviour.profile: must be default or published, got {profile!r}")
-    values = dict(PUBLISHED) if profile == "published" else {}
+    if profile not in PROFILES:
+        raise ConfigError(f"behaviour.profile: must be one of {', '.join(PROFILES)}, got {profile!r}")
+    values = dict(PROFILES[profile])
     if "allocation_delay_s" in data:
         delays = _mapping(data["allocation_delay_s"], "behaviour.allocation_delay_s")
         values["allocation_delay_s"] = {str(k): float(_number(delays, k, "behaviour.allocation_delay_s"))
@@ -98,6 +106,13 @@ def _behaviour(data: dict, servers: tuple[ServerSpec, ...]) -> Behaviour:
             raise ConfigError(f"behaviour.petals_join_order: must list every server index 0..{len(servers) - 1} "
                               f"once, got {order!r}")
         values["petals_join_order"] = tuple(order)
+    if "hop_level" in data:
+        if not isinstance(data["hop_level"], bool):
+            raise ConfigError(f"behaviour.hop_level: must be true or false, got {data['hop_level']!r}")
+        values["hop_level"] = data["hop_level"]
+    for key in ("host_block_s", "client_step_s"):
+        if key in data:
+            values[key] = float(_number(data, key, "behaviour"))
     return Behaviour(profile=profile, **values)
 
 

@@ -29,6 +29,7 @@ class HopTiming:
     round_trip_s: list[float] = field(default_factory=list)
     compute_s: list[float] = field(default_factory=list)
     server_s: list[float] = field(default_factory=list)  # request received to reply encoded, on the server
+    host_s: list[float] = field(default_factory=list)  # an emulating server's own (real) compute; else compute_s
 
     @property
     def overhead_s(self) -> list[float]:
@@ -126,6 +127,7 @@ class InferenceSession:
             leg.timing.round_trip_s.append(time.perf_counter() - begin)
             leg.timing.compute_s.append(_seconds(header, "compute_s"))
             leg.timing.server_s.append(_seconds(header, "server_s", leg.timing.compute_s[-1]))
+            leg.timing.host_s.append(_seconds(header, "host_s", leg.timing.compute_s[-1]))
             leg.sent.append(hidden)
             hidden = out
             index += 1

@@ -17,7 +17,8 @@ Ops and their fields:
   close must carry it. (`end`, if sent, must be the span's end.)
 - `step` {session, step} + one tensor (1, n, hidden) → {step, compute_s} + one tensor. Steps
   are numbered 1, 2, 3, ... per session; they go to the server's data port (its compute
-  thread), everything else to the control port.
+  thread), everything else to the control port. A server emulating another device reports
+  that device's time as `compute_s` and its own compute as `host_s`.
 - `close` {session} → {}.
 Replies carry `ok: true`, or `ok: false` with `code`, `message` and `retriable`, and
 `server_s`: the time from receiving the request to encoding the reply.

@@ -264,7 +264,11 @@ class Server:
         hidden = job.hidden if last - first == job.tokens else job.hidden[:, first:last]  # (no view per decode)
         try:
             begin = time.perf_counter()
-            out = self.span.forward(hidden.to(self.span.device), session.cache, first=session.start)
+            # an emulated device finishes other sessions' steps while this one computes: their
+            # replies leave on time, not after this step's (real, serial) compute
+            send_due = (lambda: self._send_due(data)) if self._held else None
+            out = self.span.forward(hidden.to(self.span.device), session.cache, first=session.start,
+                                    between_blocks=send_due)
             self.span.synchronize()  # on a GPU the compute is queued; count it as compute, not transport
             job.compute_s += time.perf_counter() - begin
         except Exception as exc:
@@ -286,7 +290,7 @@ class Server:
             emulation = self.config.emulation
             if emulation is not None:  # the reply leaves when the emulated device would have finished
                 device_s = emulation.step_s(self.span.end - session.start, job.tokens, prompt=job.number == 1)
-                reply = ok(job.rid, step=job.number, compute_s=device_s)
+                reply = ok(job.rid, step=job.number, compute_s=device_s, host_s=job.compute_s)
                 heapq.heappush(self._held, (job.received + device_s, next(self._held_order), job.identity, reply,
                                             (hidden,), job.received))
                 self._send_due(data)

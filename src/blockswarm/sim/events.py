@@ -103,3 +103,33 @@ class DecodeStep:
 
     def handle(self, world) -> list:
         return world.decode_step(self.request_id, self.generation, self.tokens, self.time)
+
+
+@dataclass(slots=True)
+class HopArrival:
+    """The runtime profile: step `step` of a request reaches hop `hop` of its route."""
+
+    time: float
+    request_id: int
+    generation: int
+    step: int
+    hop: int
+    priority: int = 3
+
+    def handle(self, world) -> list:
+        return world.hop_arrive(self.request_id, self.generation, self.step, self.hop, self.time)
+
+
+@dataclass(slots=True)
+class HopReply:
+    """The runtime profile: that hop's reply reaches the client."""
+
+    time: float
+    request_id: int
+    generation: int
+    step: int
+    hop: int
+    priority: int = 3
+
+    def handle(self, world) -> list:
+        return world.hop_reply(self.request_id, self.generation, self.step, self.hop, self.time)

@@ -19,7 +19,7 @@ from blockswarm.planner.freetimes import FreeTimes
 from blockswarm.planner.registry import QUEUE_ROUTERS, ROUTERS, WAITING_ROUTERS, decide
 from blockswarm.planner.routing import block_index, has_room
 from blockswarm.planner.view import ActiveBySession, SwarmView
-from blockswarm.sim.events import Completion, DecodeStep, FirstToken, Retry, Start
+from blockswarm.sim.events import Completion, DecodeStep, FirstToken, HopArrival, HopReply, Retry, Start
 from blockswarm.sim.metrics import RequestRecord
 
 MAX_BACKOFF_S = 60.0
@@ -55,6 +55,11 @@ class World:
     step_by_step: bool = False
     allocation_delay_s: float = 0.0  # before each prefill, cache slots held (the published runs' hidden delay)
     backoff_rounding: bool = False  # WS-RR waits end at PETALS' back-off instants (clients poll)
+    # the runtime profile: each step's hops are events, and a server computes one step at a time
+    hop_level: bool = False
+    host_block_s: float | None = None  # a server's serial work per block per step; None: the device's time
+    client_step_s: float = 0.0  # the client's work per step
+    busy_until: dict[int, float] = field(default_factory=dict)  # hop level: when each server's compute frees
     used: dict[int, int] = field(default_factory=dict)  # slots held per server
     active: dict[int, dict[int, tuple[float, int]]] = field(default_factory=dict)  # server -> rid -> (end, slots)
     sessions: dict[int, Session] = field(default_factory=dict)
@@ -154,6 +159,9 @@ class World:
         record = self.records[request_id]
         record.start = now
         record.hops = len(session.route.hops)
+        if self.hop_level:  # set-up (ask, open every hop), then the prompt's step leaves for the first hop
+            return [HopArrival(now + self.scenario.network.setup_s + self._leg_s(session, 0, 1), request_id,
+                               generation, 1, 0)]
         if self.step_by_step:
             return [FirstToken(now + session.ttft_s, request_id, generation)]
         record.first_token = now + session.ttft_s
@@ -175,6 +183,47 @@ class World:
         if tokens >= session.request.output_tokens:
             return [Completion(now, request_id, generation)]
         return [DecodeStep(now + session.per_token_s, request_id, generation, tokens + 1)]
+
+    # -- the runtime profile: hop by hop ------------------------------------------------------
+    def _leg_s(self, session: Session, hop: int, step: int) -> float:
+        """One way between the client and the hop's server: half the RTT and half the per-hop overhead."""
+        net = self.scenario.network
+        server = session.route.hops[hop].server
+        overhead = net.prefill_overhead_s + net.prefill_s_per_token * session.request.prompt_tokens \
+            if step == 1 else net.decode_overhead_s
+        rtt = net.rtt(self.scenario.clients[session.request.client].location, self.scenario.servers[server].location)
+        return (rtt + overhead) / 2
+
+    def hop_arrive(self, request_id: int, generation: int, step: int, hop: int, now: float) -> list:
+        """A step reaches a server. The runtime computes one step at a time per server (its compute
+        thread): the step's serial work starts when the previous one ends. The reply leaves when
+        both the device's time since arrival and the serial work are done (without `host_block_s`
+        the device's time is the serial work)."""
+        session = self._current(request_id, generation)
+        if session is None:
+            return []
+        hop_spec = session.route.hops[hop]
+        server = self.scenario.servers[hop_spec.server]
+        device = hop_spec.blocks * (server.prefill_s(session.request.prompt_tokens) if step == 1 else server.decode_s)
+        serial = device if self.host_block_s is None else hop_spec.blocks * self.host_block_s
+        end = max(now, self.busy_until.get(hop_spec.server, 0.0)) + serial
+        self.busy_until[hop_spec.server] = end
+        leave = max(now + device, end)
+        return [HopReply(leave + self._leg_s(session, hop, step), request_id, generation, step, hop)]
+
+    def hop_reply(self, request_id: int, generation: int, step: int, hop: int, now: float) -> list:
+        """A hop's reply reaches the client: on to the next hop, or the step is done."""
+        session = self._current(request_id, generation)
+        if session is None:
+            return []
+        if hop + 1 < len(session.route.hops):
+            return [HopArrival(now + self._leg_s(session, hop + 1, step), request_id, generation, step, hop + 1)]
+        done = now + self.client_step_s  # the client turns the last hidden states into a token
+        if step == 1:
+            self.records[request_id].first_token = done
+        if step >= session.request.output_tokens:
+            return [Completion(done, request_id, generation)]
+        return [HopArrival(done + self._leg_s(session, 0, step + 1), request_id, generation, step + 1, 0)]
 
     def complete(self, request_id: int, generation: int, now: float) -> list:
         session = self._current(request_id, generation)

@@ -74,24 +74,42 @@ class TestbedSettings:
 class RuntimeConstants:
     """The runtime's own costs, in real seconds (fitted by `calibrate`)."""
 
-    decode_hop_s: float = 0.001  # per hop per decode step, beyond the link's RTT and the device
+    decode_hop_s: float = 0.001  # per hop per decode step: round trip − the server's hold − the link's RTT
     prefill_hop_s: float = 0.001  # the same for the prompt's step
     setup_s: float = 0.005  # per request: asking the coordinator, opening every hop
+    host_block_s: float = 0.0005  # an emulating server's own compute per block per step (one step at a time)
+    client_step_s: float = 0.001  # the client's work per step (embedding, head, sampling)
 
     def scenario(self, scenario: Scenario, time_scale: float) -> Scenario:
-        """The scenario the simulator predicts the testbed with: these costs (×K) as its overheads,
-        and no per-token transfer term (a tiny model's hidden states cross the links in
-        microseconds; bandwidth terms of the real model do not carry over)."""
-        network = dataclasses.replace(scenario.network, decode_overhead_s=self.decode_hop_s * time_scale,
-                                      prefill_overhead_s=self.prefill_hop_s * time_scale,
-                                      prefill_s_per_token=0.0, setup_s=self.setup_s * time_scale)
-        return dataclasses.replace(scenario, network=network)
+        """The scenario the simulator predicts the testbed with: the runtime profile (every hop of
+        every step, each server computing one step at a time) with these costs (×K), and no
+        per-token transfer term (a tiny model's hidden states cross the links in microseconds;
+        bandwidth terms of the real model do not carry over)."""
+        K = time_scale
+        network = dataclasses.replace(scenario.network, decode_overhead_s=self.decode_hop_s * K,
+                                      prefill_overhead_s=self.prefill_hop_s * K,
+                                      prefill_s_per_token=0.0, setup_s=self.setup_s * K)
+        behaviour = dataclasses.replace(scenario.behaviour, profile="runtime", hop_level=True,
+                                        host_block_s=self.host_block_s * K, client_step_s=self.client_step_s * K)
+        return dataclasses.replace(scenario, network=network, behaviour=behaviour)
+
+
+@dataclass(frozen=True)
+class StepBreakdown:
+    """Where one request's time went, per decode step, in real seconds (means over its steps)."""
+
+    wire_hop_s: float  # per hop: round trip − the server's hold − the link's RTT (client I/O, ZeroMQ, emulator)
+    wire_prefill_hop_s: float  # the same for the prompt's step
+    server_hop_s: float  # per hop: the server's hold beyond the device's time (its queue and serial compute)
+    host_block_s: float  # the servers' own compute per block per decode step
+    client_step_s: float  # per step: the client's own work between hops (embedding, head, sampling)
+    hops: int
 
 
 @dataclass
 class Measured:
     records: list[RequestRecord]
-    hop_samples: list[tuple[float, float, int]]  # (decode hop overhead, prefill hop overhead, hops) per request
+    breakdowns: list[StepBreakdown]  # per completed request
     setup_samples: list[float]
 
 
@@ -171,7 +189,7 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
         time.sleep(1.5)  # the clients' first RTT reports reach the coordinator
         records = [RequestRecord(r.request_id, r.client, r.arrival_s, r.prompt_tokens, r.output_tokens)
                    for r in requests]
-        hop_samples, setup_samples, errors = [], [], []
+        breakdowns, setup_samples, errors = [], [], []
         lock = threading.Lock()
         t0 = time.perf_counter() + 0.5
 
@@ -192,7 +210,7 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
                         hidden = session.step(head.embed_tokens(torch.tensor([[token]]), session.position))
                         token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
                     done = time.perf_counter()
-                    timings = session.timings
+                    timings, chain = session.timings, session.chain
             except BlockswarmError as exc:
                 with lock:
                     errors.append(f"request {request.request_id}: {exc}")
@@ -201,8 +219,9 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
             record.first_token = request.arrival_s + (first - due) * K
             record.completion = request.arrival_s + (done - due) * K
             record.hops = len(timings)
+            per_token = (done - first) / (request.output_tokens - 1) if request.output_tokens > 1 else None
             with lock:
-                hop_samples.append(_overheads(scenario, locations, request, timings, K))
+                breakdowns.append(_breakdown(scenario, locations, request, timings, chain, K, per_token))
                 setup_samples.append(opened - begin)
 
         threads = [threading.Thread(target=one, args=(r, rec), daemon=True) for r, rec in zip(requests, records)]
@@ -212,7 +231,7 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
             thread.join()
         if errors:
             raise BlockswarmError(f"{len(errors)} of {len(requests)} requests failed on the testbed; first: {errors[0]}")
-        return Measured(records, hop_samples, setup_samples)
+        return Measured(records, breakdowns, setup_samples)
     finally:
         for model in models:
             model.close()
@@ -230,21 +249,30 @@ def _open(model, request: Request, K: float):
             time.sleep(min(2.0 ** attempt, MAX_BACKOFF_S) / K)
 
 
-def _overheads(scenario: Scenario, locations: dict[str, str], request: Request, timings,
-               K: float) -> tuple[float, float, int]:
-    """Per hop: round trip − the device's time − the link's RTT (real seconds), for decode steps and
-    the prompt's step. `locations`: public address -> scenario location."""
-    decode, prefill = [], []
+def _breakdown(scenario: Scenario, locations: dict[str, str], request: Request, timings, chain, K: float,
+               per_token_s: float | None) -> StepBreakdown:
+    """Split the request's steps (real seconds) into the device, the link's RTT, the server's hold
+    beyond the device, the rest of each round trip, and the client's work between hops.
+    `locations`: public address -> scenario location; `chain`: the hops (their blocks)."""
+    wire, wire_prefill, server, host, blocks, round_trips = [], [], [], 0.0, 0, 0.0
     client_location = scenario.clients[request.client].location
-    for timing in timings:
+    for timing, hop in zip(timings, chain):
         location = locations[timing.address.rsplit(":", 1)[0]]
         rtt = scenario.network.rtt(client_location, location) / K
-        steps = list(zip(timing.round_trip_s, timing.compute_s))
+        steps = list(zip(timing.round_trip_s, timing.compute_s, timing.server_s, timing.host_s))
         if steps:
-            prefill.append(steps[0][0] - steps[0][1] - rtt)
-            decode.extend(rt - c - rtt for rt, c in steps[1:])
-    return (statistics.fmean(decode) if decode else 0.0, statistics.fmean(prefill) if prefill else 0.0,
-            len(timings))
+            wire_prefill.append(steps[0][0] - steps[0][2] - rtt)
+        decode = steps[1:]
+        if decode:
+            wire.extend(rt - s - rtt for rt, _, s, _ in decode)
+            server.extend(s - c for _, c, s, _ in decode)
+            host += sum(h for _, _, _, h in decode)
+            blocks += (hop.end - hop.start) * len(decode)
+            round_trips += statistics.fmean(rt for rt, _, _, _ in decode)
+    mean = lambda xs: statistics.fmean(xs) if xs else 0.0  # noqa: E731
+    client = per_token_s - round_trips if per_token_s is not None and wire else 0.0
+    return StepBreakdown(mean(wire), mean(wire_prefill), mean(server), host / blocks if blocks else 0.0, client,
+                         len(timings))
 
 
 def summary(records: list[RequestRecord]) -> dict:
@@ -259,13 +287,19 @@ def summary(records: list[RequestRecord]) -> dict:
 
 
 def calibrate(measured: Measured) -> RuntimeConstants:
-    """The runtime's constants from a calibration run: per-hop overheads averaged over requests
-    (each request's mean over its steps), and the set-up (asking the coordinator, opening every
-    hop): the median, since a request the coordinator held (WS-RR's wait) has a longer one."""
-    decode = statistics.fmean(s[0] for s in measured.hop_samples)
-    prefill = statistics.fmean(s[1] for s in measured.hop_samples)
+    """The runtime's constants from a calibration run: each a mean over requests (each request's
+    mean over its steps), except the set-up: the median, since a request the coordinator held
+    (WS-RR's wait) has a longer one."""
+    mean = mean_breakdown(measured)
     setup = statistics.median(measured.setup_samples)
-    return RuntimeConstants(max(decode, 0.0), max(prefill, 0.0), max(setup, 0.0))
+    return RuntimeConstants(max(mean["wire_hop_s"], 0.0), max(mean["wire_prefill_hop_s"], 0.0), max(setup, 0.0),
+                            max(mean["host_block_s"], 0.0), max(mean["client_step_s"], 0.0))
+
+
+def mean_breakdown(measured: Measured) -> dict:
+    """The run's mean of each part of a step (real seconds): where the time went."""
+    return {f.name: statistics.fmean(getattr(b, f.name) for b in measured.breakdowns)
+            for f in dataclasses.fields(StepBreakdown)} if measured.breakdowns else {}
 
 
 def relative_errors(predicted: dict, measured: dict) -> dict:
@@ -283,7 +317,11 @@ def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSett
         calibration = generate(scenario, seed + CALIBRATION_SEED_OFFSET, count=settings.calibration_requests)
         with swarm(scenario, scenario_path, policy, seed, settings, workdir, RuntimeConstants(), say) as (address, hosts):
             say(f"  {policy}: calibration run (seed {seed + CALIBRATION_SEED_OFFSET}, {len(calibration)} requests)")
-            constants = calibrate(drive(scenario, calibration, address, hosts, K, model_dir))
+            calibration_run = drive(scenario, calibration, address, hosts, K, model_dir)
+            constants = calibrate(calibration_run)
+            calibration_breakdown = mean_breakdown(calibration_run)
+    else:
+        calibration_breakdown = None
     requests = generate(scenario, seed, count=count)
     with swarm(scenario, scenario_path, policy, seed, settings, workdir, constants, say) as (address, hosts):
         say(f"  {policy}: measured run (seed {seed}, {len(requests)} requests, time scale {K:g})")
@@ -295,6 +333,7 @@ def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSett
     return {"measured": measured_summary, "predicted": predicted_summary,
             "relative_error": relative_errors(predicted_summary, measured_summary),
             "constants": dataclasses.asdict(constants),
+            "breakdown": mean_breakdown(measured), "calibration_breakdown": calibration_breakdown,
             "per_request": [{"id": m.request_id, "measured_per_token_s": m.per_token_s,
                              "predicted_per_token_s": p.per_token_s, "measured_ttft_s": m.ttft_s,
                              "predicted_ttft_s": p.ttft_s}
