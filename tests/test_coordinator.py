@@ -229,6 +229,20 @@ def test_a_gap_nobody_can_close_is_a_clear_error():
         swarm.route("a", 10, 10)
 
 
+def test_servers_that_bring_their_spans_are_not_moved_while_the_swarm_assembles():
+    """Servers started with --blocks join one by one: the gap the first leaves is the next one's
+    span, so no repair may move anybody until joins have settled."""
+    clock = Clock()
+    swarm = Swarm(SwarmConfig("smollm2", R=2), None, clock)
+    for port, (start, end) in zip((6000, 6010, 6020), ((0, 12), (0, 12), (12, 30))):
+        swarm.register({**registration(port, 400), "start": start, "end": end})
+        serve_all(swarm)
+        swarm.place()  # blocks 12..29 wait for the third server; the second could cover them, and must not
+        clock.now += SETTLE_S / 4
+    assert spans(swarm) == [(0, 12), (0, 12), (12, 30)]
+    assert not [r for r in swarm.members() if r.state == "loading"]
+
+
 def test_a_server_the_coordinator_forgot_keeps_its_span():
     swarm = placed_swarm()
     swarm.register({**registration(6100, 400), "start": 3, "end": 17})

@@ -146,11 +146,13 @@ def swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settin
             raise BlockswarmError(f"the link emulator did not start: {(workdir / 'links.log').read_text()[-500:]}")
         ports = json.loads(line.split(" ", 2)[2])
         coordinator_address = f"{coordinator_host.public}:{ports[0]}"
+        state = workdir / f"coordinator-{policy}.sqlite"
+        state.unlink(missing_ok=True)  # a fresh swarm: no servers on record from an earlier run
         from blockswarm.runtime.launcher import wait_ready
 
         command = [sys.executable, "-m", "blockswarm", "coordinator", "--model", model_dir.name, "--policy", policy,
                    "--host", coordinator_host.internal, "--port", str(ports[0]),
-                   "--state", str(workdir / f"coordinator-{policy}.sqlite"),
+                   "--state", str(state),
                    "--session-tokens", str(scenario.workload.max_tokens),
                    "--hop-overhead-ms", f"{constants.decode_hop_s * 1e3:.4f}"]
         if R is not None:
@@ -170,9 +172,30 @@ def swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settin
             f"(placement of seed {seed}{f', R = {R}' if R else ''})")
         for process in started:
             wait_ready(process, 180)
+        _check_spans(coordinator_address, {by_name[scenario.servers[i].name].public: spans[i] for i, _ in servers})
         yield coordinator_address, by_name
     finally:
         processes.stop()
+
+
+def _check_spans(coordinator: str, planned: dict) -> None:
+    """Every server serves the span the simulator's placement gives it (`planned`: public host ->
+    Span); anything else would compare two different swarms."""
+    import zmq
+
+    from blockswarm.runtime.coordinator.link import CoordinatorLink
+
+    context = zmq.Context()
+    try:
+        status = CoordinatorLink(context, coordinator, None).call("status", timeout_s=10.0)
+    finally:
+        context.destroy(linger=0)
+    live = {s["address"].rsplit(":", 1)[0]: (s["start"], s["end"]) for s in status["servers"] if s["state"] != "gone"}
+    wrong = [f"{host}: {live.get(host)} instead of {span.start}:{span.end}" for host, span in planned.items()
+             if live.get(host) != (span.start, span.end)]
+    if wrong:
+        raise BlockswarmError(f"the coordinator did not keep the planned spans ({'; '.join(wrong)}); the testbed "
+                              "would not run the swarm the simulator predicts")
 
 
 def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: dict, K: float,

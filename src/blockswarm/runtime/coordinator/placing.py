@@ -129,10 +129,13 @@ class Placing:
         self.log.append(f"placed {len(placement.spans)} servers with {self.placement_name} for R={R}: {described}")
 
     def _repair(self) -> None:
-        """Blocks nobody holds: move idle servers onto them (their own blocks stay covered)."""
+        """Blocks nobody holds: move idle servers onto them (their own blocks stay covered). Not
+        while servers are still joining (within SETTLE_S of the last): a swarm being assembled
+        has gaps its next members close, and moving a server that brought its own span (`serve
+        --blocks`) into one of them would undo the span it was given."""
         members = self.members()
         holders = [r for r in members if r.start is not None]
-        if not holders or any(r.start is None for r in members):
+        if not holders or any(r.start is None for r in members) or self.clock() - self.last_join < SETTLE_S:
             return
         scenario = self.scenario()
         placement = self._placement(holders, scenario)
