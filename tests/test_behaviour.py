@@ -13,12 +13,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from blockswarm.core.errors import ConfigError, Infeasible
-from blockswarm.core.specs import Behaviour, Request
+from blockswarm.core.specs import Behaviour, Placement, Request, Span
 from blockswarm.perf.scenario import load_scenario, parse_scenario
 from blockswarm.planner import cgbprr, petals, wsrr
 from blockswarm.sim.runner import simulate, with_workload
 from blockswarm.sim.workload import generate
-from blockswarm.sim.world import backoff_instant
+from blockswarm.sim.engine import Engine
+from blockswarm.sim.events import Arrival, ServerFailure
+from blockswarm.sim.world import World, backoff_instant
 
 from planner_instances import scenarios, tiny_scenario
 
@@ -165,3 +167,49 @@ def test_the_runtime_profile_fields_are_checked():
                        ({"client_step_s": "fast"}, "client_step_s")]:
         with pytest.raises(ConfigError, match=f"behaviour.{field}"):
             parse_scenario({**base, "behaviour": bad})
+
+
+def _replica_world(fail_at: float | None, hop_level: bool = True):
+    """Blocks 0:2 on s0, 2:4 on s1 (40 ms a step) and on its slower replica s2 (60 ms); one
+    request of 60 output tokens routed s0 → s1; s1 fails at `fail_at`."""
+    scenario = with_workload(tiny_scenario(4, [20e9] * 3, [0.02, 0.02, 0.03], ["a"] * 3, ["a"]), output_tokens=60)
+    placement = Placement((Span(0, 0, 2, 100), Span(1, 2, 4, 100), Span(2, 2, 4, 100)), 4)
+    world = World(scenario, placement, "shortest", hop_level=hop_level)
+    engine = Engine()
+    engine.schedule(Arrival(0.0, Request(0, 4, 60)))
+    if fail_at is not None:
+        engine.schedule(ServerFailure(fail_at, 1))
+    engine.run(world)
+    return world.records[0], world
+
+
+def test_a_failed_hop_is_replayed_into_a_replica_and_the_head_is_kept():
+    """The runtime's repair, hop level: the step in flight at the failed server is taken up by a
+    new tail (the replica), fed the 39 steps sent so far, while the head (s0) keeps its session."""
+    plain, _ = _replica_world(None)
+    per_token_a, per_token_b, leg = 0.11, 0.13, 0.0075  # s0+s1 and s0+s2 with 2 × (5 ms RTT + 10 ms overhead)
+    assert plain.tpot_s == pytest.approx(per_token_a, rel=1e-9)
+    k = 40  # s1 fails while step 40 is on it: it arrived there 62.5 ms into the step, leaves at 102.5 ms
+    fail_at = plain.first_token + (k - 2) * per_token_a + 0.08
+    record, world = _replica_world(fail_at)
+    assert (record.restarts, record.replays, record.completion is not None) == (0, 1, True)
+    assert world.used == {0: 0, 1: 0, 2: 0} and not world.in_flight  # every slot given back, s1's too
+    replay = 2 * leg + (2 * (1e-5 * 4 + 1e-3) + 2 * 0.03 * (k - 2)) + 2 * leg  # open; the 39 steps' work; back
+    step_k_done = fail_at + replay + leg + 0.06 + leg
+    assert record.completion == pytest.approx(step_k_done + (60 - k) * per_token_b, rel=1e-9)
+    assert record.first_token == plain.first_token
+    # the same failure costs a request restarted from scratch (the default profile) far more
+    restarted, _ = _replica_world(fail_at, hop_level=False)
+    assert restarted.restarts == 1 and restarted.completion > record.completion + 2.0
+
+
+def test_a_session_finds_a_failed_server_when_its_step_gets_there():
+    """s1 fails while the step is still on s0: nothing is lost yet; the step finds s1 gone when it
+    reaches it and repairs then (the same replay, later)."""
+    plain, _ = _replica_world(None)
+    fail_at = plain.first_token + 38 * 0.11 + 0.03  # step 40 is on s0 (7.5-47.5 ms into it)
+    record, _ = _replica_world(fail_at)
+    assert (record.restarts, record.replays) == (0, 1)
+    found = plain.first_token + 38 * 0.11 + 0.0625  # when step 40 reaches s1's blocks
+    replay = 0.015 + (2 * (1e-5 * 4 + 1e-3) + 2 * 0.03 * 38) + 0.015
+    assert record.completion == pytest.approx(found + replay + 0.0075 + 0.06 + 0.0075 + 20 * 0.13, rel=1e-9)

@@ -25,6 +25,7 @@ class RequestRecord:
     first_token: float | None = None
     completion: float | None = None
     restarts: int = 0
+    replays: int = 0  # the runtime profile: tails replayed into other servers after a failure
     hops: int = 0
 
     @property

@@ -45,6 +45,8 @@ class Session:
     ttft_s: float
     per_token_s: float
     end: float
+    step: int = 1  # the runtime profile: the step in flight...
+    hop: int = 0  # ...and the hop it is at (where a failed server's tail is replayed from)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class World:
     host_block_s: float | None = None  # a server's serial work per block per step; None: the device's time
     client_step_s: float = 0.0  # the client's work per step
     busy_until: dict[int, float] = field(default_factory=dict)  # hop level: when each server's compute frees
+    lost: dict[int, set[int]] = field(default_factory=dict)  # hop level: request -> failed servers on its route
     used: dict[int, int] = field(default_factory=dict)  # slots held per server
     active: dict[int, dict[int, tuple[float, int]]] = field(default_factory=dict)  # server -> rid -> (end, slots)
     sessions: dict[int, Session] = field(default_factory=dict)
@@ -103,6 +106,7 @@ class World:
         return [Start(start, request.request_id, session.generation)]
 
     def _release(self, session: Session, now: float) -> None:
+        self.lost.pop(session.request.request_id, None)
         for hop in session.route.hops:
             entries = self.active.get(hop.server)
             if entries is not None:
@@ -202,7 +206,10 @@ class World:
         session = self._current(request_id, generation)
         if session is None:
             return []
+        session.step, session.hop = step, hop
         hop_spec = session.route.hops[hop]
+        if hop_spec.server in self.lost.get(request_id, ()):  # the client finds it gone: it repairs the route
+            return self._replay_tail(session, hop, now)
         server = self.scenario.servers[hop_spec.server]
         device = hop_spec.blocks * (server.prefill_s(session.request.prompt_tokens) if step == 1 else server.decode_s)
         serial = device if self.host_block_s is None else hop_spec.blocks * self.host_block_s
@@ -249,15 +256,76 @@ class World:
         return follow_ups
 
     def fail_server(self, server: int, now: float) -> list:
-        """The server vanishes; every session through it restarts from scratch now."""
+        """The server vanishes; every session through it restarts from scratch now. In the runtime
+        profile a session under way instead repairs itself as the runtime's client does, when its
+        step reaches the failed hop (now, if it is there): `_replay_tail`."""
         self._set_placement(Placement(tuple(s for s in self.placement.spans if s.server != server),
                                       self.placement.num_blocks))
         follow_ups = []
         for session in [s for s in self.sessions.values() if any(h.server == server for h in s.route.hops)]:
-            self._release(session, now)
-            self.records[session.request.request_id].restarts += 1
-            follow_ups += self.arrive(session.request, now, attempt=0)
+            if self.hop_level and self.records[session.request.request_id].start is not None:
+                if session.route.hops[session.hop].server == server:  # its step is there: lost
+                    follow_ups += self._replay_tail(session, session.hop, now)
+                else:  # its step finds the server gone when it gets there (also if it rejoined: empty)
+                    self.lost.setdefault(session.request.request_id, set()).add(server)
+                continue
+            follow_ups += self._restart(session, now)
         return follow_ups
+
+    def _restart(self, session: Session, now: float) -> list:
+        self._release(session, now)
+        self.records[session.request.request_id].restarts += 1
+        return self.arrive(session.request, now, attempt=0)
+
+    def _replay_tail(self, session: Session, index: int, now: float) -> list:
+        """The runtime's repair of a route whose hop `index` failed: a tail from that hop's first
+        block over the servers left (the router's choice, with room now), each new hop opened (a
+        round trip) and fed every step the session sent before (pipelined: a round trip, then the
+        server's serial work for them all or the device's time for the prompt's, whichever is
+        longer), after which the step in flight goes on from that hop. A restart when no tail has
+        room now."""
+        hops, request = session.route.hops, session.request
+        lost = self.lost.pop(request.request_id, set()) - {h.server for h in hops[index:]}
+        if lost:  # failed servers further back in the route: found when the step comes back there
+            self.lost[request.request_id] = lost
+        for hop in hops[index:]:  # the tail's slots are freed before the router looks
+            self.active.get(hop.server, {}).pop(request.request_id, None)
+            self._change_held(hop.server, -hop.blocks, now)
+        try:
+            decision = decide(self.router, self.view(now), request, hops[index].start)
+        except Infeasible:
+            decision = None
+        if decision is None or decision.start_s > now or not has_room(self.view(now), decision.route):
+            for hop in hops[index:]:  # as it was, for `_release`
+                self.active.setdefault(hop.server, {})[request.request_id] = (session.end, hop.blocks)
+                self._change_held(hop.server, hop.blocks, now)
+            return self._restart(session, now)
+        route = Route(hops[:index] + decision.route.hops)
+        left = self.in_flight.pop(session.route) - 1
+        if left:
+            self.in_flight[session.route] = left
+        self.in_flight[route] = self.in_flight.get(route, 0) + 1
+        session.route = route
+        for hop in decision.route.hops:
+            self.active.setdefault(hop.server, {})[request.request_id] = (session.end, hop.blocks)
+            self._change_held(hop.server, hop.blocks, now)
+        sent, ready = session.step - 1, now  # steps every new hop must see again
+        for position, hop in enumerate(decision.route.hops, start=index):
+            round_trip = 2 * self._leg_s(session, position, 2)
+            ready += round_trip  # open
+            if sent:
+                server = self.scenario.servers[hop.server]
+                prompt = hop.blocks * server.prefill_s(request.prompt_tokens)
+                serial = (prompt + hop.blocks * server.decode_s * (sent - 1) if self.host_block_s is None
+                          else hop.blocks * self.host_block_s * sent)
+                begin = max(ready, self.busy_until.get(hop.server, 0.0))
+                self.busy_until[hop.server] = begin + serial
+                ready = max(begin + serial, ready + prompt) + round_trip
+        self.records[request.request_id].replays += 1
+        self.generation += 1  # hop events of the old route are stale now
+        session.generation = self.generation
+        return [HopArrival(ready + self._leg_s(session, index, session.step), request.request_id, session.generation,
+                           session.step, index)]
 
     def join_server(self, span: Span, now: float) -> list:
         spans = tuple(s for s in self.placement.spans if s.server != span.server) + (span,)
