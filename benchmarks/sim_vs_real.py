@@ -18,6 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from blockswarm.testbed.report import cgbprr_reduction
 from blockswarm.testbed.run import METRICS, RuntimeConstants, TestbedSettings, relative_errors, run_policy
 from meta import run_metadata
 
@@ -66,9 +67,7 @@ def main() -> None:
                     for kind in ("measured", "predicted")}
         out["scenarios"][name]["same_ordering"] = ordering["measured"] == ordering["predicted"]
         # CG-BPRR's reduction of mean per-token time against PETALS, on the testbed and in simulation
-        out["scenarios"][name]["cgbprr_reduction"] = {
-            kind: 1 - out["scenarios"][name]["cgbprr"][kind]["mean_per_token_s"]
-            / out["scenarios"][name]["petals"][kind]["mean_per_token_s"] for kind in ("measured", "predicted")}
+        out["scenarios"][name]["cgbprr_reduction"] = cgbprr_reduction(out["scenarios"][name])
         print(f"{name:16s} ordering the same: {out['scenarios'][name]['same_ordering']}; CG-BPRR's reduction "
               f"against PETALS: measured {out['scenarios'][name]['cgbprr_reduction']['measured'] * 100:.1f} %, "
               f"predicted {out['scenarios'][name]['cgbprr_reduction']['predicted'] * 100:.1f} %", flush=True)

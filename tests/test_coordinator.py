@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from blockswarm.core.errors import BadRequest, Infeasible, TooLarge
 from blockswarm.core.specs import Request
-from blockswarm.planner import cgbprr, live
+from blockswarm.planner import cgbprr, live, petals
 from blockswarm.planner.registry import PLACEMENTS, decide
 from blockswarm.planner.view import SwarmView
 from blockswarm.runtime.coordinator.store import Store
@@ -241,6 +241,16 @@ def test_servers_that_bring_their_spans_are_not_moved_while_the_swarm_assembles(
         clock.now += SETTLE_S / 4
     assert spans(swarm) == [(0, 12), (0, 12), (12, 30)]
     assert not [r for r in swarm.members() if r.state == "loading"]
+
+
+def test_a_pinned_span_gets_no_more_sessions_than_its_cache_holds():
+    """PETALS' slots assume its own block count; a server that brings a longer span has less cache
+    per block, and the coordinator must not promise the policy's slots there."""
+    swarm = placed_swarm(policy="petals", memories=(900, 700, 500))
+    swarm.register({**registration(6100, 400), "start": 0, "end": 20})
+    record = swarm.members()[-1]
+    assert record.cache_tokens * 20 >= record.slots * swarm.config.session_tokens
+    assert 0 < record.slots < petals.cache_slots(swarm.scenario(), 20)
 
 
 def test_a_server_the_coordinator_forgot_keeps_its_span():

@@ -43,7 +43,7 @@ def run(
     import tempfile
 
     from blockswarm.core.errors import BlockswarmError
-    from blockswarm.testbed.report import print_table, write_plot
+    from blockswarm.testbed.report import cgbprr_reduction, print_table, write_plot
     from blockswarm.testbed.run import TestbedSettings, run_policy
 
     with _interruptible("interrupted; the testbed's processes were stopped"):
@@ -63,7 +63,8 @@ def run(
         except BlockswarmError as exc:
             _fail(str(exc))
     print_table(results)
-    document = {"scenario": scenario, "seed": seed, "time_scale": settings.time_scale, "policies": results}
+    document = {"scenario": scenario, "seed": seed, "time_scale": settings.time_scale, "policies": results,
+                "cgbprr_reduction": cgbprr_reduction(results)}
     if json_path:
         from blockswarm.testbed.report import metadata
 

@@ -115,6 +115,7 @@ class Behaviour:
     hop_level: bool = False  # simulate every step's every hop; a server computes one step at a time
     host_block_s: float | None = None  # a server's serial work per block per step; None: its device's time
     client_step_s: float = 0.0  # the client's own work per step (embedding, head, sampling)
+    open_rtts: float = 0.0  # set-up: round trips to each hop's server to open its session, beside setup_s
 
 
 @dataclass(frozen=True, slots=True)

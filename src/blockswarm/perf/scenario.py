@@ -31,6 +31,7 @@ is the performance model's job (perf/hardware.py). Format (see scenarios/cluster
       hop_level: true                        # every step's every hop; a server computes one step at a time
       host_block_s: 0.0012                   # its serial work per block per step (default: its device's time)
       client_step_s: 0.0017                  # the client's own work per step
+      open_rtts: 3                           # set-up: network.setup_ms + this many RTTs to each hop's server
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ PROFILES = {"default": {}, "published": PUBLISHED, "runtime": {"hop_level": True
 
 def _behaviour(data: dict, servers: tuple[ServerSpec, ...]) -> Behaviour:
     known = {"profile", "allocation_delay_s", "backoff_rounding", "max_blocks", "petals_join_order", "hop_level",
-             "host_block_s", "client_step_s"}
+             "host_block_s", "client_step_s", "open_rtts"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"behaviour.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
@@ -110,7 +111,7 @@ def _behaviour(data: dict, servers: tuple[ServerSpec, ...]) -> Behaviour:
         if not isinstance(data["hop_level"], bool):
             raise ConfigError(f"behaviour.hop_level: must be true or false, got {data['hop_level']!r}")
         values["hop_level"] = data["hop_level"]
-    for key in ("host_block_s", "client_step_s"):
+    for key in ("host_block_s", "client_step_s", "open_rtts"):
         if key in data:
             values[key] = float(_number(data, key, "behaviour"))
     return Behaviour(profile=profile, **values)

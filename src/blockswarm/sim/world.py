@@ -61,6 +61,7 @@ class World:
     hop_level: bool = False
     host_block_s: float | None = None  # a server's serial work per block per step; None: the device's time
     client_step_s: float = 0.0  # the client's work per step
+    open_rtts: float = 0.0  # set-up: round trips to each hop's server to open its session
     busy_until: dict[int, float] = field(default_factory=dict)  # hop level: when each server's compute frees
     lost: dict[int, set[int]] = field(default_factory=dict)  # hop level: request -> failed servers on its route
     used: dict[int, int] = field(default_factory=dict)  # slots held per server
@@ -164,8 +165,8 @@ class World:
         record.start = now
         record.hops = len(session.route.hops)
         if self.hop_level:  # set-up (ask, open every hop), then the prompt's step leaves for the first hop
-            return [HopArrival(now + self.scenario.network.setup_s + self._leg_s(session, 0, 1), request_id,
-                               generation, 1, 0)]
+            record.start = now + self._setup_s(session)  # waiting ends when the route's sessions are open
+            return [HopArrival(record.start + self._leg_s(session, 0, 1), request_id, generation, 1, 0)]
         if self.step_by_step:
             return [FirstToken(now + session.ttft_s, request_id, generation)]
         record.first_token = now + session.ttft_s
@@ -189,6 +190,13 @@ class World:
         return [DecodeStep(now + session.per_token_s, request_id, generation, tokens + 1)]
 
     # -- the runtime profile: hop by hop ------------------------------------------------------
+    def _setup_s(self, session: Session) -> float:
+        """The runtime's set-up: asking the coordinator (setup_s) and opening each hop's session, one
+        after the other, `open_rtts` round trips each (the connection's handshake and the open)."""
+        net, client = self.scenario.network, self.scenario.clients[session.request.client].location
+        return net.setup_s + self.open_rtts * sum(net.rtt(client, self.scenario.servers[h.server].location)
+                                                  for h in session.route.hops)
+
     def _leg_s(self, session: Session, hop: int, step: int) -> float:
         """One way between the client and the hop's server: half the RTT and half the per-hop overhead."""
         net = self.scenario.network
@@ -312,7 +320,7 @@ class World:
         sent, ready = session.step - 1, now  # steps every new hop must see again
         for position, hop in enumerate(decision.route.hops, start=index):
             round_trip = 2 * self._leg_s(session, position, 2)
-            ready += round_trip  # open
+            ready += round_trip * (self.open_rtts or 1)  # open
             if sent:
                 server = self.scenario.servers[hop.server]
                 prompt = hop.blocks * server.prefill_s(request.prompt_tokens)

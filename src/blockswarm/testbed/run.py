@@ -49,6 +49,7 @@ from blockswarm.testbed.procs import Processes
 
 METRICS = ("mean_per_token_s", "mean_ttft_s", "p90_per_token_s", "mean_wait_s")
 CALIBRATION_SEED_OFFSET = 1000
+OPEN_RTTS = 3.0  # ZeroMQ's greeting and handshake, then `open`: fitted instead where routes' RTTs differ enough
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class RuntimeConstants:
 
     decode_hop_s: float = 0.001  # per hop per decode step: round trip − the server's hold − the link's RTT
     prefill_hop_s: float = 0.001  # the same for the prompt's step
-    setup_s: float = 0.005  # per request: asking the coordinator, opening every hop
+    setup_s: float = 0.005  # per request: asking the coordinator (and what opening a hop costs beside its RTTs)
+    open_rtts: float = OPEN_RTTS  # opening a hop's session: round trips to its server (handshake, open)
     host_block_s: float = 0.0005  # an emulating server's own compute per block per step (one step at a time)
     client_step_s: float = 0.001  # the client's work per step (embedding, head, sampling)
 
@@ -90,7 +92,8 @@ class RuntimeConstants:
                                       prefill_overhead_s=self.prefill_hop_s * K,
                                       prefill_s_per_token=0.0, setup_s=self.setup_s * K)
         behaviour = dataclasses.replace(scenario.behaviour, profile="runtime", hop_level=True,
-                                        host_block_s=self.host_block_s * K, client_step_s=self.client_step_s * K)
+                                        host_block_s=self.host_block_s * K, client_step_s=self.client_step_s * K,
+                                        open_rtts=self.open_rtts)
         return dataclasses.replace(scenario, network=network, behaviour=behaviour)
 
 
@@ -110,7 +113,7 @@ class StepBreakdown:
 class Measured:
     records: list[RequestRecord]
     breakdowns: list[StepBreakdown]  # per completed request
-    setup_samples: list[float]
+    setup_samples: list[tuple[float, float]]  # per request: (set-up, sum of its hops' RTTs), real seconds
 
 
 def placement_for(scenario: Scenario, policy: str, seed: int):
@@ -178,24 +181,33 @@ def swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settin
         processes.stop()
 
 
-def _check_spans(coordinator: str, planned: dict) -> None:
+def _check_spans(coordinator: str, planned: dict, wait_s: float = 60.0) -> None:
     """Every server serves the span the simulator's placement gives it (`planned`: public host ->
-    Span); anything else would compare two different swarms."""
+    Span); anything else would compare two different swarms. Waits up to `wait_s` for servers
+    still joining (one starved of CPU while a dozen start on two cores misses heartbeats, is
+    marked gone and registers again)."""
     import zmq
 
     from blockswarm.runtime.coordinator.link import CoordinatorLink
 
+    deadline = time.monotonic() + wait_s
     context = zmq.Context()
     try:
-        status = CoordinatorLink(context, coordinator, None).call("status", timeout_s=10.0)
+        link = CoordinatorLink(context, coordinator, None)
+        while True:
+            status = link.call("status", timeout_s=10.0)
+            live = {s["address"].rsplit(":", 1)[0]: (s["start"], s["end"]) for s in status["servers"]
+                    if s["state"] == "serving"}
+            wrong = [f"{host}: {live.get(host)} instead of {span.start}:{span.end}" for host, span in planned.items()
+                     if live.get(host) != (span.start, span.end)]
+            if not wrong:
+                return
+            if time.monotonic() > deadline:
+                raise BlockswarmError(f"the coordinator did not keep the planned spans ({'; '.join(wrong)}) within "
+                                      f"{wait_s:.0f} s; the testbed would not run the swarm the simulator predicts")
+            time.sleep(0.5)
     finally:
         context.destroy(linger=0)
-    live = {s["address"].rsplit(":", 1)[0]: (s["start"], s["end"]) for s in status["servers"] if s["state"] != "gone"}
-    wrong = [f"{host}: {live.get(host)} instead of {span.start}:{span.end}" for host, span in planned.items()
-             if live.get(host) != (span.start, span.end)]
-    if wrong:
-        raise BlockswarmError(f"the coordinator did not keep the planned spans ({'; '.join(wrong)}); the testbed "
-                              "would not run the swarm the simulator predicts")
 
 
 def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: dict, K: float,
@@ -245,7 +257,9 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
             per_token = (done - first) / (request.output_tokens - 1) if request.output_tokens > 1 else None
             with lock:
                 breakdowns.append(_breakdown(scenario, locations, request, timings, chain, K, per_token))
-                setup_samples.append(opened - begin)
+                setup_samples.append((opened - begin, sum(
+                    scenario.network.rtt(scenario.clients[request.client].location,
+                                         locations[h.address.rsplit(":", 1)[0]]) / K for h in chain)))
 
         threads = [threading.Thread(target=one, args=(r, rec), daemon=True) for r, rec in zip(requests, records)]
         for thread in threads:
@@ -311,12 +325,20 @@ def summary(records: list[RequestRecord]) -> dict:
 
 def calibrate(measured: Measured) -> RuntimeConstants:
     """The runtime's constants from a calibration run: each a mean over requests (each request's
-    mean over its steps), except the set-up: the median, since a request the coordinator held
-    (WS-RR's wait) has a longer one."""
+    mean over its steps), except the set-up. Set-up = a constant + open_rtts × the RTTs of the
+    route's hops: the slope fitted (least squares) where the routes' RTT sums spread by 10 ms or
+    more, else OPEN_RTTS; the constant a median (a request the coordinator held, WS-RR's wait, has
+    a longer set-up)."""
     mean = mean_breakdown(measured)
-    setup = statistics.median(measured.setup_samples)
+    setups = [s for s, _ in measured.setup_samples]
+    rtts = [r for _, r in measured.setup_samples]
+    slope = OPEN_RTTS
+    if max(rtts) - min(rtts) >= 0.010:
+        cov = statistics.fmean((r - statistics.fmean(rtts)) * (s - statistics.fmean(setups)) for s, r in zip(setups, rtts))
+        slope = min(max(cov / statistics.pvariance(rtts), 0.0), 10.0)
+    setup = statistics.median(s - slope * r for s, r in zip(setups, rtts))
     return RuntimeConstants(max(mean["wire_hop_s"], 0.0), max(mean["wire_prefill_hop_s"], 0.0), max(setup, 0.0),
-                            max(mean["host_block_s"], 0.0), max(mean["client_step_s"], 0.0))
+                            max(mean["host_block_s"], 0.0), max(mean["client_step_s"], 0.0), slope)
 
 
 def mean_breakdown(measured: Measured) -> dict:
@@ -351,8 +373,6 @@ def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSett
         measured = drive(scenario, requests, address, hosts, K, model_dir)
     predicted = simulate(constants.scenario(scenario, K), policy, seed, requests=requests)
     measured_summary, predicted_summary = summary(measured.records), summary(predicted.records)
-    # waiting ends when the route's sessions are open: in the simulator, its start plus the set-up
-    predicted_summary["mean_wait_s"] += constants.setup_s * K
     return {"measured": measured_summary, "predicted": predicted_summary,
             "relative_error": relative_errors(predicted_summary, measured_summary),
             "constants": dataclasses.asdict(constants),

@@ -174,8 +174,11 @@ class Swarm(LiveView, Placing):
         record.state = "serving"
 
     def _assign(self, record: ServerRecord, span: Span, scenario: Scenario) -> None:
-        record.start, record.end, record.slots = span.start, span.end, span.slots
+        record.start, record.end = span.start, span.end
         record.cache_tokens = self._cache_tokens(scenario, record, span.length)
+        # never more sessions than the server's cache holds: a policy's slots (PETALS' fixed cache)
+        # assume its own block count, which a moved or pinned span may exceed
+        record.slots = min(span.slots, span.length * (record.cache_tokens // self.config.session_tokens))
         record.loaded, record.state = False, "loading"
         self._save_server(record)
 
