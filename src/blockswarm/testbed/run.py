@@ -337,8 +337,9 @@ def calibrate(measured: Measured) -> RuntimeConstants:
         cov = statistics.fmean((r - statistics.fmean(rtts)) * (s - statistics.fmean(setups)) for s, r in zip(setups, rtts))
         slope = min(max(cov / statistics.pvariance(rtts), 0.0), 10.0)
     setup = statistics.median(s - slope * r for s, r in zip(setups, rtts))
-    return RuntimeConstants(max(mean["wire_hop_s"], 0.0), max(mean["wire_prefill_hop_s"], 0.0), max(setup, 0.0),
-                            max(mean["host_block_s"], 0.0), max(mean["client_step_s"], 0.0), slope)
+    return RuntimeConstants(decode_hop_s=max(mean["wire_hop_s"], 0.0), prefill_hop_s=max(mean["wire_prefill_hop_s"], 0.0),
+                            setup_s=max(setup, 0.0), open_rtts=slope, host_block_s=max(mean["host_block_s"], 0.0),
+                            client_step_s=max(mean["client_step_s"], 0.0))
 
 
 def mean_breakdown(measured: Measured) -> dict:
