@@ -121,15 +121,8 @@ class HopArrival:
 
 
 @dataclass(slots=True)
-class HopReply:
-    """The runtime profile: that hop's reply reaches the client."""
-
-    time: float
-    request_id: int
-    generation: int
-    step: int
-    hop: int
-    priority: int = 3
+class HopReply(HopArrival):
+    """The runtime profile: that hop's reply reaches the client (the same fields)."""
 
     def handle(self, world) -> list:
         return world.hop_reply(self.request_id, self.generation, self.step, self.hop, self.time)

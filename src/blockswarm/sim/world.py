@@ -162,10 +162,10 @@ class World:
         if session is None:
             return []
         record = self.records[request_id]
-        record.start = now
         record.hops = len(session.route.hops)
+        record.start = now
         if self.hop_level:  # set-up (ask, open every hop), then the prompt's step leaves for the first hop
-            record.start = now + self._setup_s(session)  # waiting ends when the route's sessions are open
+            record.start += self._setup_s(session)  # waiting ends when the route's sessions are open
             return [HopArrival(record.start + self._leg_s(session, 0, 1), request_id, generation, 1, 0)]
         if self.step_by_step:
             return [FirstToken(now + session.ttft_s, request_id, generation)]

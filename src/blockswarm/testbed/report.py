@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 
-from blockswarm.testbed.run import METRICS
+from blockswarm.testbed.run import relative_errors
 
 
 TABLE_ROWS = ("mean_per_token_s", "p50_per_token_s", "p90_per_token_s", "mean_ttft_s", "p50_ttft_s", "p90_ttft_s",
@@ -24,10 +24,10 @@ def print_table(results: dict) -> None:
     for column in ("policy", "metric", "measured", "predicted", "error"):
         table.add_column(column, justify="right" if column in ("measured", "predicted", "error") else "left")
     for policy, result in results.items():
+        errors = relative_errors(result["predicted"], result["measured"], TABLE_ROWS)
         for metric in TABLE_ROWS:
-            measured, predicted = result["measured"][metric], result["predicted"][metric]
-            error = (predicted - measured) / measured if measured else float("nan")
-            table.add_row(policy, metric, f"{measured:.4f}", f"{predicted:.4f}", f"{error * 100:+.1f} %")
+            table.add_row(policy, metric, f"{result['measured'][metric]:.4f}", f"{result['predicted'][metric]:.4f}",
+                          f"{errors[metric] * 100:+.1f} %")
     console = Console()
     console.print(table)
     reduction = cgbprr_reduction(results)

@@ -257,9 +257,8 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
             per_token = (done - first) / (request.output_tokens - 1) if request.output_tokens > 1 else None
             with lock:
                 breakdowns.append(_breakdown(scenario, locations, request, timings, chain, K, per_token))
-                setup_samples.append((opened - begin, sum(
-                    scenario.network.rtt(scenario.clients[request.client].location,
-                                         locations[h.address.rsplit(":", 1)[0]]) / K for h in chain)))
+                setup_samples.append((opened - begin, sum(_hop_rtt(scenario, locations, request, h.address, K)
+                                                          for h in chain)))
 
         threads = [threading.Thread(target=one, args=(r, rec), daemon=True) for r, rec in zip(requests, records)]
         for thread in threads:
@@ -286,16 +285,19 @@ def _open(model, request: Request, K: float):
             time.sleep(min(2.0 ** attempt, MAX_BACKOFF_S) / K)
 
 
+def _hop_rtt(scenario: Scenario, locations: dict[str, str], request: Request, address: str, K: float) -> float:
+    """The link RTT (real seconds) between the request's client and the server at `address`."""
+    return scenario.network.rtt(scenario.clients[request.client].location, locations[address.rsplit(":", 1)[0]]) / K
+
+
 def _breakdown(scenario: Scenario, locations: dict[str, str], request: Request, timings, chain, K: float,
                per_token_s: float | None) -> StepBreakdown:
     """Split the request's steps (real seconds) into the device, the link's RTT, the server's hold
     beyond the device, the rest of each round trip, and the client's work between hops.
     `locations`: public address -> scenario location; `chain`: the hops (their blocks)."""
     wire, wire_prefill, server, host, blocks, round_trips = [], [], [], 0.0, 0, 0.0
-    client_location = scenario.clients[request.client].location
     for timing, hop in zip(timings, chain):
-        location = locations[timing.address.rsplit(":", 1)[0]]
-        rtt = scenario.network.rtt(client_location, location) / K
+        rtt = _hop_rtt(scenario, locations, request, timing.address, K)
         steps = list(zip(timing.round_trip_s, timing.compute_s, timing.server_s, timing.host_s))
         if steps:
             wire_prefill.append(steps[0][0] - steps[0][2] - rtt)
@@ -334,8 +336,7 @@ def calibrate(measured: Measured) -> RuntimeConstants:
     rtts = [r for _, r in measured.setup_samples]
     slope = OPEN_RTTS
     if max(rtts) - min(rtts) >= 0.010:
-        cov = statistics.fmean((r - statistics.fmean(rtts)) * (s - statistics.fmean(setups)) for s, r in zip(setups, rtts))
-        slope = min(max(cov / statistics.pvariance(rtts), 0.0), 10.0)
+        slope = min(max(statistics.linear_regression(rtts, setups).slope, 0.0), 10.0)
     setup = statistics.median(s - slope * r for s, r in zip(setups, rtts))
     return RuntimeConstants(decode_hop_s=max(mean["wire_hop_s"], 0.0), prefill_hop_s=max(mean["wire_prefill_hop_s"], 0.0),
                             setup_s=max(setup, 0.0), open_rtts=slope, host_block_s=max(mean["host_block_s"], 0.0),
@@ -348,8 +349,8 @@ def mean_breakdown(measured: Measured) -> dict:
             for f in dataclasses.fields(StepBreakdown)} if measured.breakdowns else {}
 
 
-def relative_errors(predicted: dict, measured: dict) -> dict:
-    return {k: (predicted[k] - measured[k]) / measured[k] if measured[k] else math.nan for k in METRICS}
+def relative_errors(predicted: dict, measured: dict, keys=METRICS) -> dict:
+    return {k: (predicted[k] - measured[k]) / measured[k] if measured[k] else math.nan for k in keys}
 
 
 def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSettings, workdir: Path,
