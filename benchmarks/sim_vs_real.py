@@ -1,17 +1,19 @@
 """The simulator against the real runtime: every shipped testbed scenario (scenarios/testbed/) run
 on the testbed with petals and cgbprr over one or more seeds, each next to the simulator's
-prediction for the same scenario, seed and requests. The runtime's constants are calibrated once
-per scenario and policy, on a run of its own (the first seed + 1000), and predict every seed:
-never the run they were fitted on. Writes, per scenario and policy, the measured and predicted
-mean per-token time, mean TTFT, p90 per-token time and mean waiting, their relative errors, the
-policy ordering and CG-BPRR's reduction against PETALS on both sides, and the largest errors.
+prediction for the same scenario, seed and requests. The runtime's constants are calibrated once,
+on runs of the calibration scenario the shipped ones name (scenarios/testbed/calibration/, both
+policies, seed 1001), and predict every scenario and seed: held out, never the runs they were
+fitted on. Writes, per scenario and policy, the measured and predicted mean per-token time, mean
+TTFT, p90 per-token time and mean waiting, their relative errors, the policy ordering and
+CG-BPRR's reduction against PETALS on both sides, the largest errors, and the calibration.
 
-    .venv/bin/python benchmarks/sim_vs_real.py --json sim_vs_real.json [--seeds 1] [--requests N]
+    .venv/bin/python benchmarks/sim_vs_real.py --json sim_vs_real.json [--seeds 1,2] [--requests N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -19,38 +21,45 @@ import tempfile
 from pathlib import Path
 
 from blockswarm.testbed.report import cgbprr_reduction
-from blockswarm.testbed.run import METRICS, RuntimeConstants, TestbedSettings, relative_errors, run_policy
+from blockswarm.testbed.run import METRICS, TestbedSettings, calibrate_on, relative_errors, run_policy
 from meta import run_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("petals", "cgbprr")
+CALIBRATION_SEED = 1  # its runs use seed 1 + 1000: not a measured seed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
-    parser.add_argument("--seeds", default="1", help="measured seeds, e.g. 1,2 (each adds ~2-3 min per scenario "
-                                                     "and policy)")
+    parser.add_argument("--seeds", default="1,2", help="measured seeds, e.g. 1,2 (each adds ~1.5 min per scenario "
+                                                       "and policy)")
     parser.add_argument("--requests", type=int, default=None, help="requests per measured run (default: the scenario's)")
     parser.add_argument("--scenarios", default=None, help="comma-separated scenario files (default: all shipped)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     files = args.scenarios.split(",") if args.scenarios else sorted(str(p) for p in (ROOT / "scenarios" / "testbed").glob("*.yaml"))
-    out = {"scenarios": {}, "meta": run_metadata()}
+    out = {"scenarios": {}, "calibrations": [], "meta": run_metadata()}
     worst = {"mean_per_token_s": 0.0, "mean_ttft_s": 0.0}
+    fitted = {}  # (calibration scenario, time scale) -> Calibration: once for every scenario naming it
     for path in files:
         settings = TestbedSettings.of(path)
         if args.requests:
-            settings = TestbedSettings(settings.time_scale, args.requests, settings.calibration_requests,
-                                       settings.coordinator_location)
+            settings = dataclasses.replace(settings, requests=args.requests)
+        key = (settings.calibration_path(path), settings.time_scale)
+        if key not in fitted:
+            with tempfile.TemporaryDirectory(prefix="sim-vs-real-") as folder:
+                fitted[key] = calibrate_on(path, list(POLICIES), CALIBRATION_SEED, settings, Path(folder))
+            out["calibrations"].append(fitted[key].to_json())
+            print(f"calibrated on {Path(key[0]).name}: {fitted[key].constants}", flush=True)
+        constants = fitted[key].constants
         name = Path(path).stem
         out["scenarios"][name] = {}
         for policy in POLICIES:
-            runs, constants = [], None
+            runs = []
             for seed in seeds:
                 with tempfile.TemporaryDirectory(prefix="sim-vs-real-") as folder:
                     runs.append(run_policy(path, policy, seed, settings, Path(folder), constants))
-                constants = RuntimeConstants(**runs[0]["constants"])  # fitted once, on seeds[0] + 1000
             measured = {k: statistics.fmean(r["measured"][k] for r in runs) for k in METRICS}
             predicted = {k: statistics.fmean(r["predicted"][k] for r in runs) for k in METRICS}
             errors = relative_errors(predicted, measured)

@@ -140,18 +140,23 @@ def test_a_server_computing_one_step_at_a_time_makes_two_sessions_alternate():
         [d + r + 0.004] * 2, rel=1e-9)
 
 
-def test_the_runtime_set_up_opens_each_hop_in_round_trips_to_its_server():
-    """Set-up = asking (setup_s) + open_rtts round trips to every hop's server, one after the other;
-    the wait ends when the sessions are open."""
+@pytest.mark.parametrize("coordinator", [None, "a", "b"])
+def test_the_runtime_set_up_opens_each_hop_in_round_trips_to_its_server(coordinator):
+    """Set-up = asking (setup_s, and open_rtts round trips to the coordinator where there is one)
+    + open_rtts round trips and open_hop_s for every hop, one after the other; the wait ends when
+    the sessions are open."""
     scenario = tiny_scenario(4, [20e9] * 2, [0.02, 0.02], ["a", "b"], ["a"], rtt={("a", "b"): 0.08})
     scenario = dataclasses.replace(scenario, network=dataclasses.replace(scenario.network, setup_s=0.03))
     placement = Placement((Span(0, 0, 2, 100), Span(1, 2, 4, 100)), 4)
-    world = World(scenario, placement, "shortest", hop_level=True, open_rtts=3)
+    world = World(scenario, placement, "shortest", hop_level=True, open_rtts=3, open_hop_s=0.002,
+                  coordinator=coordinator)
     engine = Engine()
     engine.schedule(Arrival(1.0, Request(0, 4, 6, arrival_s=1.0)))
     engine.run(world)
     record = world.records[0]
-    assert record.wait_s == pytest.approx(0.03 + 3 * (0.005 + 0.08), rel=1e-9)  # s0 beside the client, s1 80 ms away
+    asking = {None: 0.0, "a": 3 * 0.005, "b": 3 * 0.08}[coordinator]  # the client is at a
+    # s0 beside the client, s1 80 ms away
+    assert record.wait_s == pytest.approx(0.03 + asking + 3 * (0.005 + 0.08) + 2 * 0.002, rel=1e-9)
 
 
 @settings(max_examples=25, deadline=None)
@@ -178,8 +183,10 @@ def test_the_runtime_profile_fields_are_checked():
     runtime = parse_scenario({**base, "behaviour": {"profile": "runtime", "host_block_s": 0.002}}).behaviour
     assert runtime.hop_level and runtime.host_block_s == 0.002 and runtime.client_step_s == 0.0
     assert not parse_scenario(base).behaviour.hop_level  # the default stays the performance model
+    assert parse_scenario({**base, "behaviour": {"coordinator": "x"}}).behaviour.coordinator == "x"
     for bad, field in [({"hop_level": 1}, "hop_level"), ({"host_block_s": -1}, "host_block_s"),
-                       ({"client_step_s": "fast"}, "client_step_s")]:
+                       ({"client_step_s": "fast"}, "client_step_s"), ({"open_hop_s": -0.1}, "open_hop_s"),
+                       ({"coordinator": "mars"}, "coordinator")]:
         with pytest.raises(ConfigError, match=f"behaviour.{field}"):
             parse_scenario({**base, "behaviour": bad})
 

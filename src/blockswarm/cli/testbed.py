@@ -20,6 +20,9 @@ def run(
     policies: str = typer.Option("petals,cgbprr", help="Comma-separated policies, each run on its own swarm."),
     seed: int = typer.Option(1, help="Seed of the measured run (arrivals, lengths, PETALS' join order); "
                              "calibration uses seed + 1000."),
+    calibration: Optional[str] = typer.Option(None, help="Reuse the runtime's constants of an earlier run's --json "
+                                              "file instead of calibrating again (they were fitted on another "
+                                              "scenario: the scenario's testbed.calibration)."),
     time_scale: Optional[float] = typer.Option(None, help="Divide every delay, device time and arrival gap by "
                                                "this (default: the scenario's testbed.time_scale)."),
     requests: Optional[int] = typer.Option(None, help="Requests of the measured run (default: the scenario's)."),
@@ -29,22 +32,25 @@ def run(
 ):
     """Run the scenario on a real swarm (link emulator, coordinator, emulated servers, clients on their
     own loopback addresses) for each policy, and the simulator on the same seed; print both with the
-    relative error per metric.
+    relative error per metric. The simulator's constants for the runtime's own costs are first
+    fitted on runs of the calibration scenario the scenario names (one per policy, seed + 1000).
 
     Example: blockswarm testbed run scenarios/testbed/clustered-9.yaml --policies petals,cgbprr --seed 1 --json out.json"""
     _check_writable(json_path, "--json")
     _check_writable(plot, "--plot")
     _require(Path(scenario).is_file(), f"scenario file {scenario} does not exist")
+    _require(calibration is None or Path(calibration).is_file(), f"--calibration file {calibration} does not exist")
     _require(time_scale is None or time_scale > 0, f"--time-scale must be positive, got {time_scale}")
     _require(requests is None or requests >= 1, f"--requests must be at least 1, got {requests}")
     names = [p.strip() for p in policies.split(",") if p.strip()]
     _require(bool(names), "--policies needs at least one policy, e.g. petals,cgbprr")
     import dataclasses
+    import json
     import tempfile
 
     from blockswarm.core.errors import BlockswarmError
     from blockswarm.testbed.report import cgbprr_reduction, print_table, write_plot
-    from blockswarm.testbed.run import TestbedSettings, run_policy
+    from blockswarm.testbed.run import Calibration, TestbedSettings, calibrate_on, run_policy
 
     with _interruptible("interrupted; the testbed's processes were stopped"):
         try:
@@ -56,15 +62,23 @@ def run(
             folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="blockswarm-testbed-"))
             folder.mkdir(parents=True, exist_ok=True)
             typer.echo(f"testbed: {scenario}, time scale {settings.time_scale:g}, logs in {folder}", err=True)
+            say = lambda line: typer.echo(line, err=True)  # noqa: E731
+            if calibration:
+                try:
+                    fitted = Calibration.from_json(json.loads(Path(calibration).read_text()))
+                except json.JSONDecodeError as exc:
+                    _fail(f"--calibration {calibration} is not JSON: {exc}")
+                say(f"constants of {calibration} (fitted on {fitted.scenario}, seed {fitted.seed})")
+            else:
+                fitted = calibrate_on(scenario, names, seed, settings, folder, say)
             results = {}
             for policy in names:
-                results[policy] = run_policy(scenario, policy, seed, settings, folder,
-                                             say=lambda line: typer.echo(line, err=True))
+                results[policy] = run_policy(scenario, policy, seed, settings, folder, fitted.constants, say)
         except BlockswarmError as exc:
             _fail(str(exc))
     print_table(results)
     document = {"scenario": scenario, "seed": seed, "time_scale": settings.time_scale, "policies": results,
-                "cgbprr_reduction": cgbprr_reduction(results)}
+                "cgbprr_reduction": cgbprr_reduction(results), "calibration": fitted.to_json()}
     if json_path:
         from blockswarm.testbed.report import metadata
 

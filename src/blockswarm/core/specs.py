@@ -116,6 +116,9 @@ class Behaviour:
     host_block_s: float | None = None  # a server's serial work per block per step; None: its device's time
     client_step_s: float = 0.0  # the client's own work per step (embedding, head, sampling)
     open_rtts: float = 0.0  # set-up: round trips to each hop's server to open its session, beside setup_s
+    open_hop_s: float = 0.0  # set-up: each hop's own cost of opening, beside its round trips
+    coordinator: str | None = None  # set-up: the location of a coordinator each request asks first, over a
+    #                                 connection of its own (open_rtts round trips); None: no coordinator
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,8 @@ is the performance model's job (perf/hardware.py). Format (see scenarios/cluster
       host_block_s: 0.0012                   # its serial work per block per step (default: its device's time)
       client_step_s: 0.0017                  # the client's own work per step
       open_rtts: 3                           # set-up: network.setup_ms + this many RTTs to each hop's server
+      open_hop_s: 0.0008                     #   + this per hop
+      coordinator: london                    #   + open_rtts RTTs to a coordinator at this location (default: none)
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
     locations = {s.location for s in servers} | {c.location for c in clients}
     network = _network(_mapping(data.get("network"), "network"), locations)
     workload = _workload(_mapping(data.get("workload", {}), "workload"), source)
-    behaviour = _behaviour(_mapping(data.get("behaviour", {}), "behaviour"), servers)
+    behaviour = _behaviour(_mapping(data.get("behaviour", {}), "behaviour"), servers, locations)
     return Scenario(str(data.get("name", Path(source).stem)), model, servers, clients, network, workload, behaviour)
 
 
@@ -79,9 +81,9 @@ PUBLISHED = dict(allocation_delay_s={"cgbprr": 60.0, "petals": 250.0}, backoff_r
 PROFILES = {"default": {}, "published": PUBLISHED, "runtime": {"hop_level": True}}
 
 
-def _behaviour(data: dict, servers: tuple[ServerSpec, ...]) -> Behaviour:
+def _behaviour(data: dict, servers: tuple[ServerSpec, ...], locations: set[str]) -> Behaviour:
     known = {"profile", "allocation_delay_s", "backoff_rounding", "max_blocks", "petals_join_order", "hop_level",
-             "host_block_s", "client_step_s", "open_rtts"}
+             "host_block_s", "client_step_s", "open_rtts", "open_hop_s", "coordinator"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"behaviour.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
@@ -111,9 +113,14 @@ def _behaviour(data: dict, servers: tuple[ServerSpec, ...]) -> Behaviour:
         if not isinstance(data["hop_level"], bool):
             raise ConfigError(f"behaviour.hop_level: must be true or false, got {data['hop_level']!r}")
         values["hop_level"] = data["hop_level"]
-    for key in ("host_block_s", "client_step_s", "open_rtts"):
+    for key in ("host_block_s", "client_step_s", "open_rtts", "open_hop_s"):
         if key in data:
             values[key] = float(_number(data, key, "behaviour"))
+    if "coordinator" in data:
+        if data["coordinator"] not in locations:
+            raise ConfigError(f"behaviour.coordinator: must be a location of a server or client "
+                              f"({', '.join(sorted(locations))}), got {data['coordinator']!r}")
+        values["coordinator"] = data["coordinator"]
     return Behaviour(profile=profile, **values)
 
 

@@ -30,6 +30,7 @@ class HopTiming:
     compute_s: list[float] = field(default_factory=list)
     server_s: list[float] = field(default_factory=list)  # request received to reply encoded, on the server
     host_s: list[float] = field(default_factory=list)  # an emulating server's own (real) compute; else compute_s
+    open_s: float = 0.0  # connecting (handshake) and opening the session, before any replay
 
     @property
     def overhead_s(self) -> list[float]:
@@ -212,9 +213,12 @@ class InferenceSession:
                 continue
             inputs = next((leg.sent for leg in [*self._spare, *self.legs] if leg.hop.start == hop.start), None)
             inputs = list(inputs if inputs is not None else carried or [])
+            begin = time.perf_counter()
             connection = self._connection_for(hop.address)
-            self.legs.append(_Leg(hop, connection, HopTiming(hop.address), inputs))
+            timing = HopTiming(hop.address)
+            self.legs.append(_Leg(hop, connection, timing, inputs))
             connection.open(hop.start, self.max_length, self._step_bytes, hop.ticket)
+            timing.open_s = time.perf_counter() - begin
             carried = connection.replay(inputs) if inputs else []
         for leg in self._spare:  # hops this session left: free their cache now, not at expiry
             self._close_leg(leg)

@@ -94,7 +94,8 @@ def simulate(scenario: Scenario, policy: str, seed: int = 0, requests: list[Requ
                   allocation_delay_s=allocation_delay(behaviour.allocation_delay_s, policy),
                   backoff_rounding=behaviour.backoff_rounding, hop_level=behaviour.hop_level,
                   host_block_s=behaviour.host_block_s, client_step_s=behaviour.client_step_s,
-                  open_rtts=behaviour.open_rtts)
+                  open_rtts=behaviour.open_rtts, open_hop_s=behaviour.open_hop_s,
+                  coordinator=behaviour.coordinator)
     engine = Engine()
     for request in requests:
         engine.schedule(Arrival(request.arrival_s, request))

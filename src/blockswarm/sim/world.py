@@ -62,6 +62,8 @@ class World:
     host_block_s: float | None = None  # a server's serial work per block per step; None: the device's time
     client_step_s: float = 0.0  # the client's work per step
     open_rtts: float = 0.0  # set-up: round trips to each hop's server to open its session
+    open_hop_s: float = 0.0  # set-up: each hop's own cost of opening, beside its round trips
+    coordinator: str | None = None  # set-up: where the coordinator each request asks first is (None: none)
     busy_until: dict[int, float] = field(default_factory=dict)  # hop level: when each server's compute frees
     lost: dict[int, set[int]] = field(default_factory=dict)  # hop level: request -> failed servers on its route
     used: dict[int, int] = field(default_factory=dict)  # slots held per server
@@ -191,11 +193,15 @@ class World:
 
     # -- the runtime profile: hop by hop ------------------------------------------------------
     def _setup_s(self, session: Session) -> float:
-        """The runtime's set-up: asking the coordinator (setup_s) and opening each hop's session, one
-        after the other, `open_rtts` round trips each (the connection's handshake and the open)."""
+        """The runtime's set-up: asking the coordinator (setup_s, plus `open_rtts` round trips to it:
+        a connection of its own and the question), then opening each hop's session, one after the
+        other, `open_rtts` round trips each (the connection's handshake and the open) and
+        `open_hop_s`."""
         net, client = self.scenario.network, self.scenario.clients[session.request.client].location
-        return net.setup_s + self.open_rtts * sum(net.rtt(client, self.scenario.servers[h.server].location)
-                                                  for h in session.route.hops)
+        rtts = sum(net.rtt(client, self.scenario.servers[h.server].location) for h in session.route.hops)
+        if self.coordinator is not None:
+            rtts += net.rtt(client, self.coordinator)
+        return net.setup_s + self.open_rtts * rtts + self.open_hop_s * len(session.route.hops)
 
     def _leg_s(self, session: Session, hop: int, step: int) -> float:
         """One way between the client and the hop's server: half the RTT and half the per-hop overhead."""
@@ -320,7 +326,7 @@ class World:
         sent, ready = session.step - 1, now  # steps every new hop must see again
         for position, hop in enumerate(decision.route.hops, start=index):
             round_trip = 2 * self._leg_s(session, position, 2)
-            ready += round_trip * (self.open_rtts or 1)  # open
+            ready += round_trip * (self.open_rtts or 1) + self.open_hop_s  # open
             if sent:
                 server = self.scenario.servers[hop.server]
                 prompt = hop.blocks * server.prefill_s(request.prompt_tokens)

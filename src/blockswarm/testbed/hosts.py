@@ -34,11 +34,20 @@ def address(prefix: str, index: int) -> str:
     return f"{prefix}.{index // 250}.{index % 250 + 1}"
 
 
-def hosts_of(scenario: Scenario, coordinator_location: str | None = None) -> list[Host]:
-    """One host per server, per client and one for the coordinator (at the first client's location
-    unless told: clients ask it once per request, which the simulator counts in its set-up time)."""
+def coordinator_location(scenario: Scenario, location: str | None = None) -> str:
+    """Where the coordinator's host is: `location`, or the first client's (clients ask it once per
+    request, which the simulator counts in its set-up time)."""
+    known = {s.location for s in scenario.servers} | {c.location for c in scenario.clients}
+    if location is not None and location not in known:
+        raise ConfigError(f"testbed.coordinator_location: must be a location of a server or client "
+                          f"({', '.join(sorted(known))}), got {location!r}")
+    return location or scenario.clients[0].location
+
+
+def hosts_of(scenario: Scenario, coordinator: str | None = None) -> list[Host]:
+    """One host per server, per client and one for the coordinator (see `coordinator_location`)."""
     named = [(s.name, s.location) for s in scenario.servers] + [(c.name, c.location) for c in scenario.clients]
-    named.append((COORDINATOR, coordinator_location or scenario.clients[0].location))
+    named.append((COORDINATOR, coordinator_location(scenario, coordinator)))
     seen = set()
     for name, _ in named:
         if name in seen:

@@ -11,10 +11,11 @@ into the scenario's units.
 
 The simulator runs the same scenario, seed and requests with the runtime's own constants in
 place of the PETALS-measured overheads (a hop's overhead for decode and prefill steps, a
-request's set-up): fitted on a calibration run with its own seed (`seed + 1000`), never on the
-run it predicts. They are measured in real seconds and enter the simulator multiplied by K: the
-runtime's ~1 ms per hop is K ms in the scenario's units, which is why K stays small enough that
-the emulated devices and links dominate.
+request's set-up, a server's and a client's own work per step): fitted on calibration runs of
+another scenario (the scenario's `testbed.calibration`, one run per policy, seed + 1000, pooled),
+never on the run they predict. They are measured in real seconds and enter the simulator
+multiplied by K: the runtime's ~1 ms per hop is K ms in the scenario's units, which is why K
+stays small enough that the emulated devices and links dominate.
 """
 
 from __future__ import annotations
@@ -58,17 +59,27 @@ class TestbedSettings:
 
     time_scale: float = 10.0
     requests: int | None = None  # None: the workload's
-    calibration_requests: int = 20
+    calibration_requests: int = 20  # requests of a calibration run of this scenario
     coordinator_location: str | None = None
+    calibration: str | None = None  # the scenario whose runs calibrate this one's (None: this one, another seed)
 
     @classmethod
     def of(cls, path: str | Path) -> "TestbedSettings":
+        """The settings of the scenario at `path`; `calibration` resolved against its folder."""
         data = (yaml.safe_load(Path(path).read_text()) or {}).get("testbed") or {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"testbed.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
+        if data.get("calibration") is not None:
+            calibration = Path(path).parent / str(data["calibration"])
+            if not calibration.is_file():
+                raise ConfigError(f"testbed.calibration: {calibration} does not exist")
+            data["calibration"] = str(calibration)
         return cls(**data)
+
+    def calibration_path(self, scenario_path: str | Path) -> str:
+        return self.calibration or str(scenario_path)
 
 
 @dataclass(frozen=True)
@@ -77,23 +88,26 @@ class RuntimeConstants:
 
     decode_hop_s: float = 0.001  # per hop per decode step: round trip − the server's hold − the link's RTT
     prefill_hop_s: float = 0.001  # the same for the prompt's step
-    setup_s: float = 0.005  # per request: asking the coordinator (and what opening a hop costs beside its RTTs)
-    open_rtts: float = OPEN_RTTS  # opening a hop's session: round trips to its server (handshake, open)
+    setup_s: float = 0.005  # per request: the coordinator's answer beside the round trips to it
+    open_rtts: float = OPEN_RTTS  # a new connection and one question: round trips (a hop's open, the route's)
+    open_hop_s: float = 0.001  # opening a hop's session beside its round trips
     host_block_s: float = 0.0005  # an emulating server's own compute per block per step (one step at a time)
     client_step_s: float = 0.001  # the client's work per step (embedding, head, sampling)
 
-    def scenario(self, scenario: Scenario, time_scale: float) -> Scenario:
+    def scenario(self, scenario: Scenario, time_scale: float, coordinator: str) -> Scenario:
         """The scenario the simulator predicts the testbed with: the runtime profile (every hop of
-        every step, each server computing one step at a time) with these costs (×K), and no
-        per-token transfer term (a tiny model's hidden states cross the links in microseconds;
-        bandwidth terms of the real model do not carry over)."""
+        every step, each server computing one step at a time; set-up asks the coordinator at
+        location `coordinator`) with these costs (×K), and no per-token transfer term (a tiny
+        model's hidden states cross the links in microseconds; bandwidth terms of the real model
+        do not carry over)."""
         K = time_scale
         network = dataclasses.replace(scenario.network, decode_overhead_s=self.decode_hop_s * K,
                                       prefill_overhead_s=self.prefill_hop_s * K,
                                       prefill_s_per_token=0.0, setup_s=self.setup_s * K)
         behaviour = dataclasses.replace(scenario.behaviour, profile="runtime", hop_level=True,
                                         host_block_s=self.host_block_s * K, client_step_s=self.client_step_s * K,
-                                        open_rtts=self.open_rtts)
+                                        open_rtts=self.open_rtts, open_hop_s=self.open_hop_s * K,
+                                        coordinator=coordinator)
         return dataclasses.replace(scenario, network=network, behaviour=behaviour)
 
 
@@ -109,11 +123,21 @@ class StepBreakdown:
     hops: int
 
 
+@dataclass(frozen=True)
+class SetupSample:
+    """One request's set-up, in real seconds: its total, the link RTT to the coordinator, and per
+    hop (the time to connect and open it, the link RTT to its server)."""
+
+    total_s: float
+    coordinator_rtt_s: float
+    opens: tuple[tuple[float, float], ...]
+
+
 @dataclass
 class Measured:
     records: list[RequestRecord]
     breakdowns: list[StepBreakdown]  # per completed request
-    setup_samples: list[tuple[float, float]]  # per request: (set-up, sum of its hops' RTTs), real seconds
+    setup_samples: list[SetupSample]  # per completed request
 
 
 def placement_for(scenario: Scenario, policy: str, seed: int):
@@ -255,10 +279,13 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
             record.completion = request.arrival_s + (done - due) * K
             record.hops = len(timings)
             per_token = (done - first) / (request.output_tokens - 1) if request.output_tokens > 1 else None
+            client = scenario.clients[request.client].location
+            setup = SetupSample(opened - begin, scenario.network.rtt(client, hosts[hostmap.COORDINATOR].location) / K,
+                                tuple((t.open_s, _hop_rtt(scenario, locations, request, t.address, K))
+                                      for t in timings))
             with lock:
                 breakdowns.append(_breakdown(scenario, locations, request, timings, chain, K, per_token))
-                setup_samples.append((opened - begin, sum(_hop_rtt(scenario, locations, request, h.address, K)
-                                                          for h in chain)))
+                setup_samples.append(setup)
 
         threads = [threading.Thread(target=one, args=(r, rec), daemon=True) for r, rec in zip(requests, records)]
         for thread in threads:
@@ -325,62 +352,114 @@ def summary(records: list[RequestRecord]) -> dict:
             "p90_ttft_s": percentile([r.ttft_s for r in done], 0.9), "n_completed": len(done)}
 
 
-def calibrate(measured: Measured) -> RuntimeConstants:
-    """The runtime's constants from a calibration run: each a mean over requests (each request's
-    mean over its steps), except the set-up. Set-up = a constant + open_rtts × the RTTs of the
-    route's hops: the slope fitted (least squares) where the routes' RTT sums spread by 10 ms or
-    more, else OPEN_RTTS; the constant a median (a request the coordinator held, WS-RR's wait, has
-    a longer set-up)."""
-    mean = mean_breakdown(measured)
-    setups = [s for s, _ in measured.setup_samples]
-    rtts = [r for _, r in measured.setup_samples]
-    slope = OPEN_RTTS
-    if max(rtts) - min(rtts) >= 0.010:
-        slope = min(max(statistics.linear_regression(rtts, setups).slope, 0.0), 10.0)
-    setup = statistics.median(s - slope * r for s, r in zip(setups, rtts))
+def calibrate(runs: list[Measured]) -> RuntimeConstants:
+    """The runtime's constants from calibration runs (pooled): each a mean over requests (each
+    request's mean over its steps), except the set-up's. Opening a hop and asking the coordinator
+    are both a new connection and one question, so both take `open_rtts` round trips to the other
+    end: the slope of a line through every hop's open time against its link's RTT (fitted where
+    the RTTs spread by 10 ms or more, else OPEN_RTTS), its intercept `open_hop_s`. What the set-up
+    spends beyond its opens is the route's question: `setup_s` is its median less `open_rtts`
+    round trips to the coordinator (a median: WS-RR's coordinator holds a request while no chain
+    has room, which the simulator counts as waiting)."""
+    mean = mean_breakdown(runs)
+    samples = [s for run in runs for s in run.setup_samples]
+    slope, open_hop = _line([rtt for s in samples for _, rtt in s.opens], [t for s in samples for t, _ in s.opens],
+                            default_slope=OPEN_RTTS)
+    asking = statistics.median(s.total_s - sum(t for t, _ in s.opens) - slope * s.coordinator_rtt_s for s in samples)
     return RuntimeConstants(decode_hop_s=max(mean["wire_hop_s"], 0.0), prefill_hop_s=max(mean["wire_prefill_hop_s"], 0.0),
-                            setup_s=max(setup, 0.0), open_rtts=slope, host_block_s=max(mean["host_block_s"], 0.0),
-                            client_step_s=max(mean["client_step_s"], 0.0))
+                            setup_s=max(asking, 0.0), open_rtts=slope, open_hop_s=max(open_hop, 0.0),
+                            host_block_s=max(mean["host_block_s"], 0.0), client_step_s=max(mean["client_step_s"], 0.0))
 
 
-def mean_breakdown(measured: Measured) -> dict:
-    """The run's mean of each part of a step (real seconds): where the time went."""
-    return {f.name: statistics.fmean(getattr(b, f.name) for b in measured.breakdowns)
-            for f in dataclasses.fields(StepBreakdown)} if measured.breakdowns else {}
+def _line(xs: list[float], ys: list[float], default_slope: float, spread: float = 0.010) -> tuple[float, float]:
+    """(slope, intercept) of y against x, robust to a few held requests: a least-squares line
+    through the median y of each distinct x (to 0.1 ms); where the x spread less than `spread`,
+    the slope is `default_slope` and the intercept the median of y − slope·x. The slope is kept
+    within [0, 10]."""
+    groups: dict[float, list[float]] = {}
+    for x, y in zip(xs, ys):
+        groups.setdefault(round(x, 4), []).append(y)
+    points = sorted((x, statistics.median(g)) for x, g in groups.items())
+    slope = default_slope
+    if len(points) >= 2 and points[-1][0] - points[0][0] >= spread:
+        slope = min(max(statistics.linear_regression(*zip(*points)).slope, 0.0), 10.0)
+    return slope, statistics.median(y - slope * x for x, y in zip(xs, ys))
+
+
+def mean_breakdown(runs: list[Measured]) -> dict:
+    """The runs' mean of each part of a step (real seconds): where the time went."""
+    breakdowns = [b for run in runs for b in run.breakdowns]
+    return {f.name: statistics.fmean(getattr(b, f.name) for b in breakdowns)
+            for f in dataclasses.fields(StepBreakdown)} if breakdowns else {}
 
 
 def relative_errors(predicted: dict, measured: dict, keys=METRICS) -> dict:
     return {k: (predicted[k] - measured[k]) / measured[k] if measured[k] else math.nan for k in keys}
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Constants fitted on calibration runs, and what they were fitted on."""
+
+    constants: RuntimeConstants
+    scenario: str
+    seed: int
+    policies: tuple[str, ...]
+    breakdown: dict  # the runs' mean of each part of a step, real seconds
+
+    def to_json(self) -> dict:
+        return {"constants": dataclasses.asdict(self.constants), "scenario": self.scenario, "seed": self.seed,
+                "policies": list(self.policies), "breakdown": self.breakdown}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        """From `to_json`'s output (or a `testbed run --json` file, which holds it as `calibration`)."""
+        data = data.get("calibration", data)
+        try:
+            return cls(RuntimeConstants(**data["constants"]), data["scenario"], data["seed"],
+                       tuple(data["policies"]), data.get("breakdown", {}))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"not a testbed calibration (a `testbed run --json` file): {exc}") from None
+
+
+def calibrate_on(scenario_path: str, policies: list[str], seed: int, settings: TestbedSettings, workdir: Path,
+                 say=print) -> Calibration:
+    """Run the scenario's calibration scenario (`testbed.calibration`, else itself) once per policy,
+    seed + 1000 (arrivals, lengths and placement), at the measured run's time scale (the load on
+    this machine's cores is part of what is calibrated), and fit the constants on the runs pooled."""
+    path = settings.calibration_path(scenario_path)
+    own = settings if path == str(scenario_path) else TestbedSettings.of(path)
+    own = dataclasses.replace(own, time_scale=settings.time_scale)
+    scenario = load_scenario(path)
+    model_dir = tiny_model(scenario.model.num_blocks)
+    calibration_seed = seed + CALIBRATION_SEED_OFFSET
+    requests = generate(scenario, calibration_seed, count=own.calibration_requests)
+    runs = []
+    for policy in policies:
+        with swarm(scenario, path, policy, calibration_seed, own, workdir, RuntimeConstants(), say) as (address, hosts):
+            say(f"  {policy}: calibration run ({Path(path).name}, seed {calibration_seed}, {len(requests)} requests)")
+            runs.append(drive(scenario, requests, address, hosts, own.time_scale, model_dir))
+    return Calibration(calibrate(runs), path, calibration_seed, tuple(policies), mean_breakdown(runs))
+
+
 def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSettings, workdir: Path,
-               constants: RuntimeConstants | None = None, say=print) -> dict:
-    """Calibrate (unless given constants), run the measured seed, predict it; one policy."""
+               constants: RuntimeConstants, say=print) -> dict:
+    """Run the measured seed on the testbed and predict it with `constants`; one policy."""
     scenario = load_scenario(scenario_path)
     K = settings.time_scale
     model_dir = tiny_model(scenario.model.num_blocks)
     count = settings.requests or scenario.workload.num_requests
-    if constants is None:
-        calibration = generate(scenario, seed + CALIBRATION_SEED_OFFSET, count=settings.calibration_requests)
-        with swarm(scenario, scenario_path, policy, seed, settings, workdir, RuntimeConstants(), say) as (address, hosts):
-            say(f"  {policy}: calibration run (seed {seed + CALIBRATION_SEED_OFFSET}, {len(calibration)} requests)")
-            calibration_run = drive(scenario, calibration, address, hosts, K, model_dir)
-            constants = calibrate(calibration_run)
-            calibration_breakdown = mean_breakdown(calibration_run)
-    else:
-        calibration_breakdown = None
     requests = generate(scenario, seed, count=count)
     with swarm(scenario, scenario_path, policy, seed, settings, workdir, constants, say) as (address, hosts):
         say(f"  {policy}: measured run (seed {seed}, {len(requests)} requests, time scale {K:g})")
         measured = drive(scenario, requests, address, hosts, K, model_dir)
-    predicted = simulate(constants.scenario(scenario, K), policy, seed, requests=requests)
+    coordinator = hostmap.coordinator_location(scenario, settings.coordinator_location)
+    predicted = simulate(constants.scenario(scenario, K, coordinator), policy, seed, requests=requests)
     measured_summary, predicted_summary = summary(measured.records), summary(predicted.records)
     return {"measured": measured_summary, "predicted": predicted_summary,
             "relative_error": relative_errors(predicted_summary, measured_summary),
-            "constants": dataclasses.asdict(constants),
-            "breakdown": mean_breakdown(measured), "calibration_breakdown": calibration_breakdown,
+            "constants": dataclasses.asdict(constants), "breakdown": mean_breakdown([measured]),
             "per_request": [{"id": m.request_id, "measured_per_token_s": m.per_token_s,
                              "predicted_per_token_s": p.per_token_s, "measured_ttft_s": m.ttft_s,
                              "predicted_ttft_s": p.ttft_s}
                             for m, p in zip(measured.records, predicted.records) if p.completion is not None]}
-
