@@ -159,6 +159,25 @@ def test_the_runtime_set_up_opens_each_hop_in_round_trips_to_its_server(coordina
     assert record.wait_s == pytest.approx(0.03 + asking + 3 * (0.005 + 0.08) + 2 * 0.002, rel=1e-9)
 
 
+def test_a_refused_petals_client_backs_off_after_its_question_came_back():
+    """The runtime profile: a PETALS client the coordinator refuses (no slot on its route) asks
+    again 1 s after the refusal reached it, so the question's time (setup_s and open_rtts round
+    trips to the coordinator) comes before the back-off."""
+    scenario = tiny_scenario(4, [20e9], [0.02], ["a"], ["a", "b"], rtt={("a", "b"): 0.08})
+    scenario = dataclasses.replace(scenario, network=dataclasses.replace(scenario.network, setup_s=0.03))
+    placement = Placement((Span(0, 0, 4, 4),), 4)  # one session at a time
+    world = World(scenario, placement, "petals", hop_level=True, open_rtts=3, coordinator="b")
+    engine = Engine()
+    engine.schedule(Arrival(0.0, Request(0, 4, 1, arrival_s=0.0, request_id=0)))  # done well within 1 s
+    engine.schedule(Arrival(0.1, Request(0, 4, 1, arrival_s=0.1, request_id=1)))  # refused: the first holds it
+    engine.run(world)
+    asking = 0.03 + 3 * 0.08  # the client is at a, the coordinator at b
+    setup = asking + 3 * 0.005  # then the hop's open, beside the client
+    assert world.records[0].wait_s == pytest.approx(setup, rel=1e-9)
+    assert world.records[0].completion < 0.1 + asking + 1.0
+    assert world.records[1].wait_s == pytest.approx(asking + 1.0 + setup, rel=1e-9)
+
+
 @settings(max_examples=25, deadline=None)
 @given(scenarios(), st.sampled_from(["petals", "cgbprr", "cgbp+wsrr"]), st.integers(0, 3))
 def test_the_hop_level_runtime_profile_without_serial_work_is_the_performance_model(scenario, policy, seed):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockswarm.core.errors import BadRequest, Infeasible, TooLarge
+from blockswarm.core.errors import BadRequest, CacheFull, Infeasible, TooLarge
 from blockswarm.core.specs import Request
 from blockswarm.planner import cgbprr, live, petals
 from blockswarm.planner.registry import PLACEMENTS, decide
@@ -140,6 +140,25 @@ def test_sessions_spread_over_replicas_and_no_server_is_overbooked():
     assert len(routes) >= 2, "every session took the same chain"
     for record in swarm.members():
         assert used.get(record.id, 0) <= record.slots
+
+
+def test_petals_routing_never_overbooks_a_server_and_says_cache_full_instead():
+    """PETALS' routing does not wait: once its route has no slot left the client is told
+    cache_full (it backs off and asks again, as the simulator's PETALS clients do), and a release
+    makes room again."""
+    swarm = placed_swarm(policy="petals", memories=(900, 700, 500))
+    used: dict[str, int] = {}
+    reservations = []
+    with pytest.raises(CacheFull, match="no cache slot left"):
+        for n in range(1000):
+            reservation, start_at = swarm.route(f"c{n % 3}", 10, 10)
+            assert start_at == swarm.clock()
+            reservations.append(reservation)
+            for server, start, end in reservation.hops:
+                used[server] = used.get(server, 0) + end - start
+    assert reservations and all(used.get(r.id, 0) <= r.slots for r in swarm.members())
+    swarm.release(reservations[0].id)
+    swarm.route("c0", 10, 10)
 
 
 def test_release_and_lease_free_the_slots():

@@ -75,6 +75,7 @@ def test_every_shipped_scenario_is_calibrated_on_another_one_and_a_calibration_r
         load_scenario(settings.calibration)
     calibration = Calibration(calibrate([_measured([_setup(0.05, [0.05])])]), "x.yaml", 1001, ("petals",), {})
     assert Calibration.from_json({"calibration": calibration.to_json()}) == calibration
+    assert Calibration.from_json({"calibrations": [calibration.to_json()]}) == calibration
     with pytest.raises(ConfigError, match="not a testbed calibration"):
         Calibration.from_json({"policies": {}})
     bad = tmp_path / "s.yaml"

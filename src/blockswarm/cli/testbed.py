@@ -21,7 +21,7 @@ def run(
     seed: int = typer.Option(1, help="Seed of the measured run (arrivals, lengths, PETALS' join order); "
                              "calibration uses seed + 1000."),
     calibration: Optional[str] = typer.Option(None, help="Reuse the runtime's constants of an earlier run's --json "
-                                              "file instead of calibrating again (they were fitted on another "
+                                              "file (or benchmarks/sim_vs_real.py's) instead of calibrating again (they were fitted on another "
                                               "scenario: the scenario's testbed.calibration)."),
     time_scale: Optional[float] = typer.Option(None, help="Divide every delay, device time and arrival gap by "
                                                "this (default: the scenario's testbed.time_scale)."),

@@ -154,8 +154,9 @@ class World:
             return []
         if has_room(view, route):
             return self._reserve(request, route, now, now)
-        if self.router == "petals":
-            return [Retry(now + min(2.0 ** attempt, MAX_BACKOFF_S), request, attempt + 1)]
+        if self.router == "petals":  # (the runtime profile: the refused question took its time too)
+            asked = self._asking_s(request.client) if self.hop_level else 0.0
+            return [Retry(now + asked + min(2.0 ** attempt, MAX_BACKOFF_S), request, attempt + 1)]
         self.waiting.append(request)
         return []
 
@@ -199,9 +200,15 @@ class World:
         `open_hop_s`."""
         net, client = self.scenario.network, self.scenario.clients[session.request.client].location
         rtts = sum(net.rtt(client, self.scenario.servers[h.server].location) for h in session.route.hops)
-        if self.coordinator is not None:
-            rtts += net.rtt(client, self.coordinator)
-        return net.setup_s + self.open_rtts * rtts + self.open_hop_s * len(session.route.hops)
+        return self._asking_s(session.request.client) + self.open_rtts * rtts + self.open_hop_s * len(session.route.hops)
+
+    def _asking_s(self, client: int) -> float:
+        """The route's question: setup_s, plus `open_rtts` round trips to the coordinator (a new
+        connection of its own, then the question) where there is one."""
+        net = self.scenario.network
+        if self.coordinator is None:
+            return net.setup_s
+        return net.setup_s + self.open_rtts * net.rtt(self.scenario.clients[client].location, self.coordinator)
 
     def _leg_s(self, session: Session, hop: int, step: int) -> float:
         """One way between the client and the hop's server: half the RTT and half the per-hop overhead."""

@@ -413,7 +413,10 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
-        """From `to_json`'s output (or a `testbed run --json` file, which holds it as `calibration`)."""
+        """From `to_json`'s output, a `testbed run --json` file (which holds it as `calibration`) or
+        a benchmarks/sim_vs_real.py one (its first of `calibrations`)."""
+        if isinstance(data.get("calibrations"), list) and data["calibrations"]:
+            data = data["calibrations"][0]
         data = data.get("calibration", data)
         try:
             return cls(RuntimeConstants(**data["constants"]), data["scenario"], data["seed"],

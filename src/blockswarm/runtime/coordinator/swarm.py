@@ -25,7 +25,8 @@ from blockswarm.core.specs import (
 )
 from blockswarm.perf.model import route_time
 from blockswarm.planner import live
-from blockswarm.planner.registry import QUEUE_ROUTERS, decide, parse_policy
+from blockswarm.planner.registry import QUEUE_ROUTERS, WAITING_ROUTERS, decide, parse_policy
+from blockswarm.planner.routing import has_room
 from blockswarm.planner.view import SwarmView
 from blockswarm.runtime.coordinator.liveview import LiveView
 from blockswarm.runtime.coordinator.placing import Placing
@@ -255,6 +256,12 @@ class Swarm(LiveView, Placing):
             if previous is not None:
                 self._save_reservation(previous)
             raise CacheFull(f"every route is full for the next {decision.start_s - now:.0f} s; retry later")
+        if self.routing not in WAITING_ROUTERS and not has_room(view, decision.route):
+            # a router that does not wait (PETALS') chose a route some server of which has no slot
+            # left: the client backs off and asks again, as PETALS' clients (and the simulator) do
+            if previous is not None:
+                self._save_reservation(previous)
+            raise CacheFull("the route's servers have no cache slot left for this session; retry in a moment")
         if start == 0:
             self.arrivals.append(now)
         members = self.members()
