@@ -65,7 +65,8 @@ def main() -> None:
             errors = relative_errors(predicted, measured)
             out["scenarios"][name][policy] = {"measured": measured, "predicted": predicted, "relative_error": errors,
                                               "seeds": seeds, "runs": [{k: r[k] for k in ("measured", "predicted",
-                                                                                            "relative_error", "constants")}
+                                                                                            "relative_error", "constants",
+                                                                                            "breakdown")}
                                                                        for r in runs]}
             for key in worst:
                 if not math.isnan(errors[key]):
