@@ -18,6 +18,7 @@ import json
 import math
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from blockswarm.testbed.report import cgbprr_reduction
@@ -48,9 +49,10 @@ def main() -> None:
             settings = dataclasses.replace(settings, requests=args.requests)
         key = (settings.calibration_path(path), settings.time_scale)
         if key not in fitted:
+            began = time.monotonic()
             with tempfile.TemporaryDirectory(prefix="sim-vs-real-") as folder:
                 fitted[key] = calibrate_on(path, list(POLICIES), CALIBRATION_SEED, settings, Path(folder))
-            out["calibrations"].append(fitted[key].to_json())
+            out["calibrations"].append({**fitted[key].to_json(), "seconds": time.monotonic() - began})
             print(f"calibrated on {Path(key[0]).name}: {fitted[key].constants}", flush=True)
         constants = fitted[key].constants
         name = Path(path).stem
@@ -58,15 +60,18 @@ def main() -> None:
         for policy in POLICIES:
             runs = []
             for seed in seeds:
+                began = time.monotonic()
                 with tempfile.TemporaryDirectory(prefix="sim-vs-real-") as folder:
                     runs.append(run_policy(path, policy, seed, settings, Path(folder), constants))
+                runs[-1]["seconds"] = time.monotonic() - began
             measured = {k: statistics.fmean(r["measured"][k] for r in runs) for k in METRICS}
             predicted = {k: statistics.fmean(r["predicted"][k] for r in runs) for k in METRICS}
             errors = relative_errors(predicted, measured)
             out["scenarios"][name][policy] = {"measured": measured, "predicted": predicted, "relative_error": errors,
                                               "seeds": seeds, "runs": [{k: r[k] for k in ("measured", "predicted",
                                                                                             "relative_error", "constants",
-                                                                                            "breakdown")}
+                                                                                            "breakdown", "cpu_busy",
+                                                                                            "seconds")}
                                                                        for r in runs]}
             for key in worst:
                 if not math.isnan(errors[key]):

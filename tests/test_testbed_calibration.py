@@ -45,6 +45,15 @@ def test_without_spread_in_rtts_the_protocols_round_trips_are_assumed():
     assert constants.setup_s == pytest.approx(0.021)
 
 
+def test_the_machines_busy_share_is_measured_between_two_readings():
+    from blockswarm.testbed.run import busy_between, cpu_ticks
+
+    assert busy_between((10, 100), (60, 200)) == 0.5
+    assert busy_between(None, (60, 200)) is None and busy_between((10, 100), (10, 100)) is None
+    busy, total = cpu_ticks()  # this machine's, since boot
+    assert 0 <= busy <= total
+
+
 def test_runs_are_pooled():
     a = _measured([_setup(0.05, [0.0025, 0.05])], wire_hop_s=0.002)
     b = _measured([_setup(0.10, [0.15, 0.0025])] * 3, wire_hop_s=0.004)

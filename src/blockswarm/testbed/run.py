@@ -138,6 +138,26 @@ class Measured:
     records: list[RequestRecord]
     breakdowns: list[StepBreakdown]  # per completed request
     setup_samples: list[SetupSample]  # per completed request
+    cpu_busy: float | None = None  # the share of this machine's CPU time that was busy during the run
+
+
+SATURATED = 0.85  # a run this busy measured this machine's cores as much as the emulated swarm
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all this machine's cores since boot (/proc/stat), None where unreadable."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def placement_for(scenario: Scenario, policy: str, seed: int):
@@ -251,6 +271,7 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
         breakdowns, setup_samples, errors = [], [], []
         lock = threading.Lock()
         t0 = time.perf_counter() + 0.5
+        ticks = cpu_ticks()
 
         def one(request: Request, record: RequestRecord) -> None:
             model = models[request.client]
@@ -294,7 +315,7 @@ def drive(scenario: Scenario, requests: list[Request], coordinator: str, hosts: 
             thread.join()
         if errors:
             raise BlockswarmError(f"{len(errors)} of {len(requests)} requests failed on the testbed; first: {errors[0]}")
-        return Measured(records, breakdowns, setup_samples)
+        return Measured(records, breakdowns, setup_samples, busy_between(ticks, cpu_ticks()))
     finally:
         for model in models:
             model.close()
@@ -442,7 +463,9 @@ def calibrate_on(scenario_path: str, policies: list[str], seed: int, settings: T
         with swarm(scenario, path, policy, calibration_seed, own, workdir, RuntimeConstants(), say) as (address, hosts):
             say(f"  {policy}: calibration run ({Path(path).name}, seed {calibration_seed}, {len(requests)} requests)")
             runs.append(drive(scenario, requests, address, hosts, own.time_scale, model_dir))
-    return Calibration(calibrate(runs), path, calibration_seed, tuple(policies), mean_breakdown(runs))
+    busy = [r.cpu_busy for r in runs if r.cpu_busy is not None]
+    return Calibration(calibrate(runs), path, calibration_seed, tuple(policies),
+                       {**mean_breakdown(runs), "cpu_busy": statistics.fmean(busy) if busy else None})
 
 
 def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSettings, workdir: Path,
@@ -456,12 +479,17 @@ def run_policy(scenario_path: str, policy: str, seed: int, settings: TestbedSett
     with swarm(scenario, scenario_path, policy, seed, settings, workdir, constants, say) as (address, hosts):
         say(f"  {policy}: measured run (seed {seed}, {len(requests)} requests, time scale {K:g})")
         measured = drive(scenario, requests, address, hosts, K, model_dir)
+    if measured.cpu_busy is not None and measured.cpu_busy > SATURATED:
+        say(f"  {policy}: warning: this machine's CPU was {measured.cpu_busy:.0%} busy during the run: its cores, "
+            "not only the emulated swarm, set the times measured (fewer concurrent requests, shorter answers or a "
+            "smaller time scale load it less)")
     coordinator = hostmap.coordinator_location(scenario, settings.coordinator_location)
     predicted = simulate(constants.scenario(scenario, K, coordinator), policy, seed, requests=requests)
     measured_summary, predicted_summary = summary(measured.records), summary(predicted.records)
     return {"measured": measured_summary, "predicted": predicted_summary,
             "relative_error": relative_errors(predicted_summary, measured_summary),
             "constants": dataclasses.asdict(constants), "breakdown": mean_breakdown([measured]),
+            "cpu_busy": measured.cpu_busy,
             "per_request": [{"id": m.request_id, "measured_per_token_s": m.per_token_s,
                              "predicted_per_token_s": p.per_token_s, "measured_ttft_s": m.ttft_s,
                              "predicted_ttft_s": p.ttft_s}
