@@ -168,10 +168,35 @@ def placement_for(scenario: Scenario, policy: str, seed: int):
     return PLACEMENTS[placement_name](scenario, R, seed), R
 
 
+class SpansNotKept(BlockswarmError):
+    """The live swarm is not the planned one (a server moved while the swarm assembled)."""
+
+
 @contextlib.contextmanager
 def swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settings: TestbedSettings,
-          workdir: Path, constants: RuntimeConstants, say=print):
-    """The emulated swarm for one policy; yields (coordinator's public address, hosts by name)."""
+          workdir: Path, constants: RuntimeConstants, say=print, attempts: int = 2):
+    """The emulated swarm for one policy; yields (coordinator's public address, hosts by name).
+    A swarm that did not assemble as planned is started again from scratch (up to `attempts`
+    times): with a dozen servers loading on two cores, one may miss its heartbeats, be taken for
+    gone and have its blocks covered by moving another, which then does not move back."""
+    for attempt in range(1, attempts + 1):
+        stack = contextlib.ExitStack()
+        try:
+            started = stack.enter_context(_swarm(scenario, scenario_path, policy, seed, settings, workdir, constants,
+                                                 say))
+        except SpansNotKept as exc:
+            if attempt == attempts:
+                raise
+            say(f"  {policy}: {exc}; starting it again")
+            continue
+        with stack:
+            yield started
+        return
+
+
+@contextlib.contextmanager
+def _swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settings: TestbedSettings,
+           workdir: Path, constants: RuntimeConstants, say=print):
     K = settings.time_scale
     hosts = hostmap.hosts_of(scenario, settings.coordinator_location)
     by_name = {h.name: h for h in hosts}
@@ -247,7 +272,7 @@ def _check_spans(coordinator: str, planned: dict, wait_s: float = 60.0) -> None:
             if not wrong:
                 return
             if time.monotonic() > deadline:
-                raise BlockswarmError(f"the coordinator did not keep the planned spans ({'; '.join(wrong)}) within "
+                raise SpansNotKept(f"the coordinator did not keep the planned spans ({'; '.join(wrong)}) within "
                                       f"{wait_s:.0f} s; the testbed would not run the swarm the simulator predicts")
             time.sleep(0.5)
     finally:
