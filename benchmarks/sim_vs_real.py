@@ -8,6 +8,9 @@ TTFT, p90 per-token time and mean waiting, their relative errors, the policy ord
 CG-BPRR's reduction against PETALS on both sides, the largest errors, and the calibration.
 
     .venv/bin/python benchmarks/sim_vs_real.py --json sim_vs_real.json [--seeds 1,2] [--requests N]
+
+One seed (the default) takes ~16 min on this 2-core VM (the 20 minutes the issue allows); each
+more seed ~13 min (--seeds 1,2: 29 min). The README's table is the two-seed run.
 """
 
 from __future__ import annotations
