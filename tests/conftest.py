@@ -63,8 +63,10 @@ def smollm2_coordinated(smollm2_dir, tmp_path_factory):
         yield address, servers
 
 
-def wait_until_serving(address: str, timeout_s: float = 30.0) -> None:
-    """Servers print READY before the coordinator hears they serve (their next heartbeat)."""
+def wait_until_serving(address: str, timeout_s: float = 90.0) -> None:
+    """Servers print READY before the coordinator hears they serve (their next heartbeat). A full
+    `make test` on this 2-core machine once needed more than 30 s (cause not known: the message
+    now names each server's state and span)."""
     import time
 
     import zmq
@@ -75,12 +77,14 @@ def wait_until_serving(address: str, timeout_s: float = 30.0) -> None:
     try:
         link = CoordinatorLink(context, address)
         deadline = time.monotonic() + timeout_s
+        servers = []
         while time.monotonic() < deadline:
             servers = link.call("status")["servers"]
             if servers and all(s["state"] == "serving" for s in servers):
                 return
             time.sleep(0.2)
-        raise AssertionError(f"the servers of {address} did not all report serving in {timeout_s} s")
+        states = ", ".join(f"{s['address']} {s['state']} {s.get('start')}:{s.get('end')}" for s in servers)
+        raise AssertionError(f"the servers of {address} did not all report serving in {timeout_s} s: {states}")
     finally:
         context.destroy(linger=0)
 
