@@ -177,8 +177,9 @@ def swarm(scenario: Scenario, scenario_path: str, policy: str, seed: int, settin
           workdir: Path, constants: RuntimeConstants, say=print, attempts: int = 2):
     """The emulated swarm for one policy; yields (coordinator's public address, hosts by name).
     A swarm that did not assemble as planned is started again from scratch (up to `attempts`
-    times): with a dozen servers loading on two cores, one may miss its heartbeats, be taken for
-    gone and have its blocks covered by moving another, which then does not move back."""
+    times). Seen once, with its logs lost: probably, with a dozen servers loading on two cores,
+    one missed its heartbeats, was taken for gone and had its blocks covered by moving another,
+    which then did not move back."""
     for attempt in range(1, attempts + 1):
         stack = contextlib.ExitStack()
         try:
