@@ -35,15 +35,24 @@ def run_matcher(pieces: list[str], stops: list[str]) -> tuple[str, bool, list[st
 @given(st.lists(st.text(ALPHABET, max_size=4), max_size=12), st.lists(st.text(ALPHABET, min_size=1, max_size=3),
                                                                       max_size=3))
 def test_stop_strings_cut_the_text_exactly_where_the_first_one_begins(pieces, stops):
-    """However the text is split into tokens: what is sent is the text before the first stop string
-    (all of it when none occurs), and nothing that was sent is ever taken back."""
+    """However the text is split into tokens: what is sent is the text before the stop string that
+    is complete first, character by character (of two complete at once, the one that begins first;
+    all of the text when none occurs), and nothing that was sent is ever taken back."""
     text = "".join(pieces)
-    found = [text.find(stop) for stop in stops if stop in text]
+    found = [(text.find(stop) + len(stop), text.find(stop)) for stop in stops if stop in text]
     sent, hit, _ = run_matcher(pieces, stops)
     if found:
-        assert hit and sent == text[:min(found)]
+        assert hit and sent == text[:min(found)[1]]
     else:
         assert not hit and sent == text
+
+
+def test_a_stop_string_complete_first_wins_over_a_longer_one_that_began_earlier():
+    """Generation stops as soon as any stop string is complete: ' ' is, at "\n ", before "\n b"
+    could be, whether the tokens are "\n " and "b" or "\n" and " b" (hypothesis found the first)."""
+    assert run_matcher(["\n ", "b"], [" ", "\n b"])[:2] == ("\n", True)
+    assert run_matcher(["\n", " b"], [" ", "\n b"])[:2] == ("\n", True)
+    assert run_matcher(["x\n b"], ["\n b", " "])[:2] == ("x\n", True)
 
 
 def test_stop_text_split_across_tokens_is_held_back_then_released():

@@ -18,9 +18,11 @@ class StopMatcher:
         if not self.stops:
             return text, False
         self.pending += text
-        found = [index for stop in self.stops if (index := self.pending.find(stop)) >= 0]
+        # the stop string complete first (however the text was split into tokens): the earliest end,
+        # and of two ending together the one that begins first; nothing after its start is sent
+        found = [(index + len(stop), index) for stop in self.stops if (index := self.pending.find(stop)) >= 0]
         if found:
-            out, self.pending = self.pending[:min(found)], ""
+            out, self.pending = self.pending[:min(found)[1]], ""
             return out, True
         hold = max((k for stop in self.stops for k in range(1, min(len(stop), len(self.pending) + 1))
                     if self.pending.endswith(stop[:k])), default=0)
