@@ -12,7 +12,8 @@ import pytest
 from blockswarm.perf.scenario import load_scenario
 from blockswarm.testbed import hosts as hostmap
 from blockswarm.testbed.procs import our_listeners, start_ticks
-from blockswarm.testbed.run import RuntimeConstants, drive, summary, swarm
+from blockswarm.testbed.calibration import RuntimeConstants
+from blockswarm.testbed.run import drive, summary, swarm
 from blockswarm.testbed.run import TestbedSettings as Settings
 from blockswarm.sim.workload import generate
 

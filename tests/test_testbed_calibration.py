@@ -9,7 +9,7 @@ import pytest
 
 from blockswarm.core.errors import ConfigError
 from blockswarm.perf.scenario import load_scenario
-from blockswarm.testbed.run import OPEN_RTTS, Calibration, Measured, SetupSample, StepBreakdown, calibrate
+from blockswarm.testbed.calibration import OPEN_RTTS, Calibration, Measured, SetupSample, StepBreakdown, calibrate
 from blockswarm.testbed.run import TestbedSettings as Settings  # (not a test class)
 
 

@@ -21,8 +21,8 @@ def run(
     seed: int = typer.Option(1, help="Seed of the measured run (arrivals, lengths, PETALS' join order); "
                              "calibration uses seed + 1000."),
     calibration: Optional[str] = typer.Option(None, help="Reuse the runtime's constants of an earlier run's --json "
-                                              "file (or benchmarks/sim_vs_real.py's) instead of calibrating again (they were fitted on another "
-                                              "scenario: the scenario's testbed.calibration)."),
+                                              "file (or benchmarks/sim_vs_real.py's) instead of calibrating "
+                                              "again (they were fitted on the scenario's testbed.calibration)."),
     time_scale: Optional[float] = typer.Option(None, help="Divide every delay, device time and arrival gap by "
                                                "this (default: the scenario's testbed.time_scale)."),
     requests: Optional[int] = typer.Option(None, help="Requests of the measured run (default: the scenario's)."),
@@ -50,7 +50,8 @@ def run(
 
     from blockswarm.core.errors import BlockswarmError
     from blockswarm.testbed.report import cgbprr_reduction, print_table, write_plot
-    from blockswarm.testbed.run import Calibration, TestbedSettings, calibrate_on, run_policy
+    from blockswarm.testbed.calibration import Calibration
+    from blockswarm.testbed.run import TestbedSettings, calibrate_on, run_policy
 
     with _interruptible("interrupted; the testbed's processes were stopped"):
         try:
