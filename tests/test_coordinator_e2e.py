@@ -197,24 +197,30 @@ def test_a_joining_server_is_used_and_a_leaving_one_drains(swarm):
     newcomer = start(member_command(str(swarm.directory), swarm.address, "2.5MiB", ["--threads", "1"]))
     swarm.processes.append(newcomer)
     address = wait_ready(newcomer, 120)
-    entry = wait_until(lambda: [s for s in status(swarm)["servers"] if s["address"] == address
-                                and s["state"] == "serving"], 30, "the newcomer to serve")[0]
-    assert (entry["start"], entry["end"]) == (0, 6)  # enough memory for the whole model: one hop
-    prompt = [1, 2, 3]
-    with DistributedModel.from_coordinator(swarm.address, model=str(swarm.directory)) as model:
-        signalled = []
+    try:
+        entry = wait_until(lambda: [s for s in status(swarm)["servers"] if s["address"] == address
+                                    and s["state"] == "serving"], 30, "the newcomer to serve")[0]
+        assert (entry["start"], entry["end"]) == (0, 6)  # enough memory for the whole model: one hop
+        prompt = [1, 2, 3]
+        with DistributedModel.from_coordinator(swarm.address, model=str(swarm.directory)) as model:
+            signalled = []
 
-        def leave_after_two(token, _text):
-            if len(signalled) == 0:
-                signalled.append(True)
-                newcomer.send_signal(signal.SIGTERM)  # graceful: it drains, this session finishes there
+            def leave_after_two(token, _text):
+                if len(signalled) == 0:
+                    signalled.append(True)
+                    newcomer.send_signal(signal.SIGTERM)  # graceful: it drains, this session finishes there
 
-        result = model.generate(prompt, max_new_tokens=12, on_token=leave_after_two)
-    assert [(h.address, h.start, h.end) for h in result.chain] == [(address, 0, 6)]
-    assert not result.repairs and result.token_ids == reference_greedy(swarm.directory, prompt, 12)
-    assert newcomer.wait(30) == 0
-    assert wait_until(lambda: [s for s in status(swarm)["servers"] if s["address"] == address
-                               and s["state"] == "gone"], 10, "the coordinator to see it leave")
+            result = model.generate(prompt, max_new_tokens=12, on_token=leave_after_two)
+        # (what the coordinator priced, should it route elsewhere: each server's measured speed)
+        speeds = [(s["address"], s["start"], s["end"], s["block_decode_s"], s["state"]) for s in status(swarm)["servers"]]
+        assert [(h.address, h.start, h.end) for h in result.chain] == [(address, 0, 6)], speeds
+        assert not result.repairs and result.token_ids == reference_greedy(swarm.directory, prompt, 12)
+        assert newcomer.wait(30) == 0
+    finally:  # whatever happened above, the newcomer is gone before the next test counts the servers
+        newcomer.send_signal(signal.SIGTERM)
+        newcomer.wait(30)
+        assert wait_until(lambda: [s for s in status(swarm)["servers"] if s["address"] == address
+                                   and s["state"] == "gone"], 10, "the coordinator to see it leave")
     assert os.path.exists(swarm.args[-1])
 
 
