@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -187,12 +186,12 @@ def test_a_server_that_dies_or_freezes_mid_session_is_reported_not_awaited(tiny_
         connection.open(0, 8, 2**20)
         hidden = torch.zeros(1, 1, 64)
         connection.step(hidden)
-        os.kill(process.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        process.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         try:
             with pytest.raises(PeerGone, match=f"lost the connection to {address} while waiting for 'step'") as caught:
                 connection.step(hidden)  # a Timeout here would mean 30 s of waiting
         finally:
-            os.kill(process.pid, signal.SIGCONT)  # a frozen server must wake to be stopped
+            process.send_signal(signal.SIGCONT)  # a frozen server must wake to be stopped
         assert caught.value.retriable
         connection.close()
 

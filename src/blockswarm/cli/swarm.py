@@ -56,6 +56,10 @@ def serve(
                                           "(per-block decode and prefill times, memory, the scenario model's sizes); "
                                           "a tiny model computes underneath (the testbed)."),
     time_scale: float = typer.Option(1.0, help="With --emulate: divide the device's times by this."),
+    decode_ms: Optional[float] = typer.Option(None, help="Per-block decode time (ms per token) to announce instead "
+                                              "of the one measured at start, e.g. 2.5: what clients and the "
+                                              "coordinator plan with. For a host whose start-up measurement "
+                                              "misleads (a shared machine)."),
 ):
     """Hold a span of blocks and serve sessions over ZeroMQ until Ctrl-C.
 
@@ -69,6 +73,7 @@ def serve(
              "use it with --coordinator (without one, --cache-tokens sizes the cache)")
     _require(memory is None or emulate is None, "--emulate brings the scenario server's memory; leave --memory out")
     _require(time_scale > 0, f"--time-scale must be positive, got {time_scale}")
+    _require(decode_ms is None or decode_ms > 0, f"--decode-ms must be positive, got {decode_ms}")
     start, end = _parse_span(blocks) if blocks else (0, 0)
     memory_bytes = None
     if memory is not None:
@@ -110,6 +115,7 @@ def serve(
         config = ServeConfig(model=model, start=start, end=end, host=host, port=port, data_port=data_port,
                              device=device, dtype=dtype, cache_tokens=cache_tokens,
                              session_timeout_s=session_timeout, threads=threads, prefill_budget=prefill_budget,
+                             decode_s=None if decode_ms is None else decode_ms / 1e3,
                              max_session_tokens=max_session_tokens, max_peer_share=max_peer_share,
                              max_sessions=max_sessions, max_connections=max_connections,
                              max_connections_per_address=max_connections_per_address, keys=keys, allow=allow,

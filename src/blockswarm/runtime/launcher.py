@@ -14,6 +14,7 @@ import sys
 import time
 
 from blockswarm.core.errors import BlockswarmError
+from blockswarm.runtime import forked
 from blockswarm.runtime.messages import model_name
 
 
@@ -38,9 +39,7 @@ def local_swarm(model: str, spans: list[tuple[int, int]], extra_args: list[str] 
 def server_processes(model: str, spans: list[tuple[int, int]], extra_args: list[str] = (),
                      timeout_s: float = 180.0):
     """Like local_swarm, but yields {address: process} for callers that signal servers (failure tests)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    processes = [subprocess.Popen(serve_command(model, a, b, list(extra_args)), stdout=subprocess.PIPE,
-                                  stderr=None, text=True, env=env) for a, b in spans]
+    processes = [start(serve_command(model, a, b, list(extra_args))) for a, b in spans]
     try:
         yield {wait_ready(p, timeout_s): p for p in processes}
     finally:
@@ -58,9 +57,14 @@ def member_command(model: str, coordinator: str, memory: str, extra: list[str] =
 
 
 def start(command: list[str], stderr=None) -> subprocess.Popen:
-    """A blockswarm process whose stdout the launcher reads (READY lines); stderr: inherited, or a file."""
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """A blockswarm process whose stdout the launcher reads (READY lines); stderr: inherited, or a file.
+    With BLOCKSWARM_FORK_SERVERS=1 a `python -m blockswarm` command is forked from a process that
+    imported the runtime once (`forked.py`; the tests do this), otherwise it is a plain subprocess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if forked.wanted(command, stderr):
+        return forked.ForkedProcess(command, env, stderr)
+    env.pop(forked.ENV, None)  # only the program that set it forks: a demo it starts runs as users run it
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from blockswarm.runtime.protocol import DTYPES, PROTOCOL_VERSION
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.devices import check_device
 from blockswarm.runtime.connection import client_context
-from blockswarm.runtime.server import Server, ServeConfig, announce_ready, emulated_profile
+from blockswarm.runtime.server import Server, ServeConfig, announce_ready, announced, emulated_profile
 
 log = logging.getLogger("blockswarm.server")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -112,11 +112,11 @@ def run_member(config: ServeConfig, keys=None) -> None:
             torch.set_num_threads(config.threads)
         if emulation is None:
             probe = Span.load(path, 0, 1, dtype=DTYPES[config.dtype], device=config.device)
-            profile = measure(probe)
+            profile = announced(measure(probe), config)
             params = sum(p.numel() for p in probe.blocks.parameters())
             del probe
         else:  # the emulated device's times, and the emulated model's sizes for the coordinator's accounting
-            profile, params = emulated_profile(emulation), emulation.params_per_block
+            profile, params = announced(emulated_profile(emulation), config), emulation.params_per_block
         control_port = int(endpoints.control.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         data_port = int(endpoints.data.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         registration = {

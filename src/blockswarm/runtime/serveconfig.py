@@ -55,6 +55,7 @@ class ServeConfig:
     cache_tokens: int = 16384  # tokens of KV cache for the whole span, shared by all sessions
     session_timeout_s: float = 300.0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    decode_s: float | None = None  # per-block decode time to announce instead of the measured one (--decode-ms)
     prefill_budget: int = 512  # tokens per compute slice: longer prompts run in slices
     max_session_tokens: int | None = None  # one session's limit; None: the model's context length
     max_peer_share: float = 1.0  # share of the cache one peer (key or address) may hold

@@ -85,7 +85,7 @@ class Server:
             if config.threads:
                 torch.set_num_threads(config.threads)
             span = Span.load(path, config.start, config.end, dtype=DTYPES[config.dtype], device=config.device)
-            profile = emulated_profile(config.emulation) if config.emulation else measure(span)
+            profile = announced(emulated_profile(config.emulation) if config.emulation else measure(span), config)
             return cls(config, span, profile, model_fingerprint(path), context_tokens, endpoints)
         except BaseException:
             endpoints.close()
@@ -387,6 +387,12 @@ def announce_ready(server: Server, on_signal=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (on_signal or server.stop)())
     server.serve(announce)
+
+
+def announced(profile: SpanProfile, config: ServeConfig) -> SpanProfile:
+    """The measured (or emulated) profile, with the operator's per-block decode time where given:
+    what clients and the coordinator plan with (as PETALS' --throughput overrides its benchmark)."""
+    return profile if config.decode_s is None else dataclasses.replace(profile, block_decode_s=config.decode_s)
 
 
 def emulated_profile(emulation) -> SpanProfile:
