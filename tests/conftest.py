@@ -59,7 +59,7 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def smollm2_coordinated(smollm2_dir, tmp_path_factory):
     """A coordinator and three SmolLM2 servers (400, 300, 200 MiB), none told its blocks, shared by
-    every test that needs a real coordinated swarm (each server start costs ~8 s of imports); no
+    every test that needs a real coordinated swarm (each SmolLM2 server loads its span); no
     test may stop its servers."""
     from blockswarm.model.checkpoint import SMOLLM2
     from blockswarm.runtime.launcher import coordinated_swarm
