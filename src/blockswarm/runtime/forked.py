@@ -26,8 +26,6 @@ from multiprocessing.connection import Connection
 ENV = "BLOCKSWARM_FORK_SERVERS"
 PRELOAD = ["blockswarm.cli", "blockswarm.runtime.member", "blockswarm.runtime.server",
            "blockswarm.runtime.coordinator.service"]
-
-
 FORKED = ("serve", "coordinator")  # the processes started by the dozen; the rest stay subprocesses
 
 
@@ -58,8 +56,9 @@ class ForkedProcess:
         err = Connection(os.dup(stderr.fileno() if stderr is not None else 2), readable=False)
         env = {k: v for k, v in env.items() if k != ENV}
         try:
+            # daemon: multiprocessing stops it if the launcher exits first
             self._process = _context().Process(target=_run, args=(command[2:], env, os.getcwd(), out, err),
-                                               name=command[3], daemon=True)  # daemon: stopped if the launcher exits first
+                                               name=command[3], daemon=True)
             self._process.start()
         except BaseException:
             os.close(read)
