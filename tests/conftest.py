@@ -12,7 +12,9 @@ TINY_FAMILIES = ("llama", "qwen2", "gpt2", "bloom")
 def pytest_configure(config):
     # servers and coordinators are forked from one process that imported torch once
     # (runtime/forked.py): ~7 s of CPU saved per server, a few minutes per run
-    os.environ.setdefault("BLOCKSWARM_FORK_SERVERS", "1")
+    from blockswarm.runtime import forked
+
+    os.environ.setdefault(forked.ENV, "1")
 
 
 def build_tiny_model(family: str, directory, num_layers: int = 6, seed: int = 0):

@@ -23,7 +23,6 @@ import zmq
 
 from blockswarm.core.errors import BlockswarmError, ConfigError, PeerGone, Timeout
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
-from blockswarm.model.profile import measure
 from blockswarm.model.span import Span
 from blockswarm.runtime.coordinator.link import CoordinatorLink
 from blockswarm.runtime.endpoints import Endpoints, port_limits
@@ -32,7 +31,7 @@ from blockswarm.runtime.protocol import DTYPES, PROTOCOL_VERSION
 from blockswarm.runtime.ratelog import RateLimitedLog
 from blockswarm.runtime.devices import check_device
 from blockswarm.runtime.connection import client_context
-from blockswarm.runtime.server import Server, ServeConfig, announce_ready, announced, emulated_profile
+from blockswarm.runtime.server import Server, ServeConfig, announce_ready, own_profile
 
 log = logging.getLogger("blockswarm.server")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -110,13 +109,12 @@ def run_member(config: ServeConfig, keys=None) -> None:
             import torch
 
             torch.set_num_threads(config.threads)
-        if emulation is None:
-            probe = Span.load(path, 0, 1, dtype=DTYPES[config.dtype], device=config.device)
-            profile = announced(measure(probe), config)
-            params = sum(p.numel() for p in probe.blocks.parameters())
-            del probe
-        else:  # the emulated device's times, and the emulated model's sizes for the coordinator's accounting
-            profile, params = announced(emulated_profile(emulation), config), emulation.params_per_block
+        # measured on one block, or the emulated device's times and the emulated model's sizes (for
+        # the coordinator's accounting)
+        probe = Span.load(path, 0, 1, dtype=DTYPES[config.dtype], device=config.device) if emulation is None else None
+        profile = own_profile(probe, emulation, config)
+        params = emulation.params_per_block if probe is None else sum(p.numel() for p in probe.blocks.parameters())
+        del probe
         control_port = int(endpoints.control.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         data_port = int(endpoints.data.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         registration = {

@@ -85,7 +85,7 @@ class Server:
             if config.threads:
                 torch.set_num_threads(config.threads)
             span = Span.load(path, config.start, config.end, dtype=DTYPES[config.dtype], device=config.device)
-            profile = announced(emulated_profile(config.emulation) if config.emulation else measure(span), config)
+            profile = own_profile(span, config.emulation, config)
             return cls(config, span, profile, model_fingerprint(path), context_tokens, endpoints)
         except BaseException:
             endpoints.close()
@@ -389,9 +389,11 @@ def announce_ready(server: Server, on_signal=None) -> None:
     server.serve(announce)
 
 
-def announced(profile: SpanProfile, config: ServeConfig) -> SpanProfile:
-    """The measured (or emulated) profile, with the operator's per-block decode time where given:
-    what clients and the coordinator plan with (as PETALS' --throughput overrides its benchmark)."""
+def own_profile(span: Span | None, emulation, config: ServeConfig) -> SpanProfile:
+    """What a server announces of its speed: the emulated device's times, or those measured on
+    `span`, with the operator's per-block decode time where given (--decode-ms, as PETALS'
+    --throughput overrides its benchmark): what clients and the coordinator plan with."""
+    profile = emulated_profile(emulation) if emulation is not None else measure(span)
     return profile if config.decode_s is None else dataclasses.replace(profile, block_decode_s=config.decode_s)
 
 
