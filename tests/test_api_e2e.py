@@ -110,6 +110,35 @@ def test_openai_client_gets_what_the_python_api_generates(client, python_api, ap
     assert [m.id for m in client.models.list().data] == ["chat"]
 
 
+def test_a_heavy_head_picks_tokens_off_the_event_loop(python_api, monkeypatch):
+    """On an event loop (where the API runs generations) a head above `offload_head_macs` picks
+    tokens in a thread, so it holds no other stream up, and a small one on the loop; the tokens
+    are the same either way, and the same as in a plain thread."""
+    import asyncio
+    import threading
+
+    from blockswarm.runtime import cooperative
+
+    ids = python_api.head.encode_chat(HELLO)
+    expected = [streamed.token for streamed in python_api.stream(ids, 8)]
+    where, logits = [], python_api.head.logits
+
+    def recorded(hidden):  # (the real head, noting which thread ran it)
+        where.append(threading.get_ident())
+        return logits(hidden)
+
+    monkeypatch.setattr(python_api.head, "logits", recorded)
+
+    async def on_a_loop():
+        return await cooperative.start(lambda: [streamed.token for streamed in python_api.stream(ids, 8)])
+
+    here = threading.get_ident()  # (asyncio.run runs its loop in this thread)
+    assert asyncio.run(on_a_loop()) == expected and set(where) == {here}
+    where.clear()
+    monkeypatch.setattr(python_api, "offload_head_macs", 0)
+    assert asyncio.run(on_a_loop()) == expected and where and here not in where
+
+
 def test_n_choices_are_independent_and_reproducible(client):
     def ask():
         return client.completions.create(model="chat", prompt="Once upon a time", max_tokens=12, temperature=1.0,

@@ -1,13 +1,16 @@
-"""Generations for the API: each in a worker thread, its tokens handed to the event loop, admitted
+"""Generations for the API: each on the event loop, in a greenlet whose waits park, admitted
 through a bounded queue.
 
-The event loop never computes: tokenizing, sampling and the swarm's round trips run in a pool of
-threads (torch and ZeroMQ release the GIL), and each new piece of text is handed back with
-`call_soon_threadsafe`. A request takes one slot per choice; when all `slots` are busy it waits in
-a queue of at most `queue` requests, beyond which it is refused (429). A swarm that answers
-`cache_full` is retried with back-off for up to `full_wait_s` before the first token, and only
-then becomes a 429. Closing a generation (the client went away) stops its thread at the next token,
-which closes the sessions on every server of its route.
+Each choice runs the Python API's own synchronous code (`DistributedModel.stream`) on the event
+loop's thread through `runtime.cooperative`: where it waits for a server's reply, it parks and the
+loop serves everything else; its text goes straight into the request's queue. No thread is woken
+on the way (each wake-up costs 0.2-0.5 ms on a VM, and a generation in a worker thread paid three
+before its first token); a model whose LM head is heavy picks its tokens in a thread
+(`DistributedModel.offload_head_macs`). A request takes one slot per choice; when all `slots` are
+busy it waits in a queue of at most `queue` requests, beyond which it is refused (429). A swarm
+that answers `cache_full` is retried with back-off for up to `full_wait_s` before the first
+token, and only then becomes a 429. Closing a generation (the client went away) stops it at the
+next token, which closes the sessions on every server of its route.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import logging
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -27,6 +29,7 @@ from blockswarm.api.errors import APIError, from_swarm
 from blockswarm.api.stops import StopMatcher
 from blockswarm.core.errors import BlockswarmError, CacheFull
 from blockswarm.model.sampling import SamplingParams
+from blockswarm.runtime import cooperative
 
 log = logging.getLogger("blockswarm.api")
 INLINE_TEXT_CHARS = 4096
@@ -73,7 +76,7 @@ class Engine:
         self.model, self.name = model, name
         self.slots, self.queue, self.full_wait_s = slots, queue, full_wait_s
         self.missing = missing
-        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="generation")
+        self._tasks: set[asyncio.Task] = set()  # the generations running
         self._free: asyncio.Semaphore | None = None
         self._admitting: asyncio.Lock | None = None
         self.waiting = 0  # requests queued for slots
@@ -108,10 +111,11 @@ class Engine:
             raise APIError(400, f"{len(choices)} choices at once is more than this API runs together "
                                 f"({self.slots}); ask for fewer", param="n")
         await self._admit(len(choices))
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         for choice in choices:
-            loop.run_in_executor(self.pool, self._generate, choice, loop, events, cancelled)
+            task = cooperative.start(self._generate, choice, events, cancelled)
+            self._tasks.add(task)  # (the loop keeps only weak references to tasks)
+            task.add_done_callback(self._tasks.discard)
         try:
             running = len(choices)
             while running:
@@ -147,8 +151,9 @@ class Engine:
         self.running -= 1
         self._free.release()
 
-    def _generate(self, choice: Choice, loop, events: asyncio.Queue, cancelled: threading.Event) -> None:
-        """In a worker thread: one choice from its first token to its end."""
+    def _generate(self, choice: Choice, events: asyncio.Queue, cancelled: threading.Event) -> None:
+        """On the event loop, in a greenlet whose waits park (`cooperative`): one choice from its
+        first token to its end."""
         flight = f"{next(self._ids)}-{secrets.token_hex(3)}"
 
         ended = False
@@ -159,10 +164,7 @@ class Engine:
                 log.warning("after choice %d ended: %s", choice.index, event.error.message if event.error else event)
                 return
             ended = event.finish is not None or event.error is not None
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                cancelled.set()
+            events.put_nowait(event)
 
         try:
             self.finished[self._tokens(choice, cancelled, send, flight)] += 1
@@ -176,10 +178,7 @@ class Engine:
                                                     "server_error", code="internal_error")))
         finally:
             self.flights.pop(flight, None)
-            try:
-                loop.call_soon_threadsafe(self._release)
-            except RuntimeError:
-                pass
+            self._release()
 
     def _tokens(self, choice: Choice, cancelled: threading.Event, send, flight: str) -> str:
         """Stream one choice's text and then its end through `send`; how it ended. The end is sent
@@ -187,7 +186,7 @@ class Engine:
         not wait for). A full swarm is waited out (before the first token) for up to `full_wait_s`."""
         deadline, pause = time.monotonic() + self.full_wait_s, 0.1
         while True:
-            stops, count, finish = StopMatcher(choice.stops), 0, "length"
+            stops, count, finish, spoken = StopMatcher(choice.stops), 0, "length", False
             stream = self.model.stream(choice.prompt, choice.max_tokens, choice.sampling, stop_at_eos=True)
             try:
                 for streamed in stream:
@@ -197,6 +196,9 @@ class Engine:
                     text, stopped = stops.feed(streamed.text)
                     if text:
                         send(Event(choice.index, text=text))
+                        if not spoken:  # the first text goes out before the next token's work begins;
+                            spoken = True  # later ones go out while the swarm computes the next
+                            cooperative.let_loop_run()
                     if stopped or streamed.last or cancelled.is_set():
                         finish = "cancelled" if cancelled.is_set() else "stop"
                         break
@@ -209,11 +211,12 @@ class Engine:
             except CacheFull:
                 if count or time.monotonic() + pause > deadline or cancelled.is_set():
                     raise
-                cancelled.wait(pause)
+                cooperative.sleep(pause)
                 pause = min(2 * pause, 2.0)
             finally:
                 stream.close()  # closes the sessions now, not when the generator is collected
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """(After the event loop has stopped: asyncio cancelled the generations still running, which
+        closed their sessions.)"""
         self.model.close()

@@ -21,6 +21,7 @@ import zmq
 from blockswarm.core.errors import BadPeer, BadRequest, Infeasible, PeerGone, Refused
 from blockswarm.model.detokenize import IncrementalDecoder
 from blockswarm.model.sampling import SamplingParams, next_token
+from blockswarm.runtime import cooperative
 from blockswarm.runtime.chain import Hop, choose_chain
 from blockswarm.runtime.connection import client_context, fetch_info
 from blockswarm.runtime.inference import HopTiming, InferenceSession
@@ -30,6 +31,10 @@ if TYPE_CHECKING:  # the head needs transformers (~5 s to import): loaded once s
     from blockswarm.model.head import ClientHead
 
 log = logging.getLogger("blockswarm.client")
+# The LM head's multiply-adds per token above which a generation on an event loop (the API) picks
+# its tokens in a thread (`cooperative.offload`): ~64 M is several ms on a CPU core, far more than
+# the hand-off costs, and would hold up every other stream. SmolLM2's head (28 M) runs inline.
+OFFLOAD_HEAD_MACS = 1 << 26
 
 
 @dataclass
@@ -78,6 +83,7 @@ class DistributedModel:
         self.chain = choose_chain(self.infos, head.num_blocks) if self.infos else []  # (coordinated: per session)
         self._lock = threading.Lock()  # sessions in several threads may report failures at once
         self._no_chain = ""  # why there is no chain for new sessions, once failures left a gap
+        self.offload_head_macs = OFFLOAD_HEAD_MACS
 
     @classmethod
     def from_servers(cls, addresses: list[str], model: str = "smollm2", timeout_s: float = 60.0,
@@ -202,11 +208,16 @@ class DistributedModel:
         generator = sampling.generator()
         stops = self.head.stop_token_ids() if stop_at_eos else set()
         decoder = IncrementalDecoder(self.head.tokenizer if self.head.has_tokenizer else None)
+
+        def choose(hidden: torch.Tensor) -> int:
+            return next_token(self.head.logits(hidden[:, -1:])[0, -1], sampling, generator)
+
+        heavy = self.head.hidden_size * int(self.head.config.vocab_size) >= self.offload_head_macs
         with self.session(len(ids) + max_new_tokens, prompt_tokens=len(ids)) as session:
             inputs = torch.tensor([ids])
             for _ in range(max_new_tokens):
                 hidden = session.step(self.head.embed_tokens(inputs, session.position))
-                token = next_token(self.head.logits(hidden[:, -1:])[0, -1], sampling, generator)
+                token = cooperative.offload(choose, hidden) if heavy else choose(hidden)
                 yield Streamed(token, decoder.add(token), token in stops, session)
                 if token in stops:
                     return

@@ -26,6 +26,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadPeer, BadRequest, BlockswarmError, PeerGone, Refused, Timeout
+from blockswarm.runtime import cooperative
 from blockswarm.runtime.messages import REFUSED_EVENTS, SourcedContext, dial, parse_address
 from blockswarm.runtime.protocol import (
     HEARTBEAT_MISSES, HEARTBEAT_S, MAX_HEADER_BYTES, ServerInfo, decode, encode, keep_alive, raise_if_error,
@@ -79,7 +80,7 @@ class _Link:
 
     def ready(self, timeout_ms: int) -> bool:
         """True when a reply waits; False on timeout; raises _Lost when the connection is gone."""
-        events = dict(self.poller.poll(timeout_ms))
+        events = dict(cooperative.poll(self.poller, timeout_ms))
         if self.monitor in events:
             raise _Lost(recv_monitor_message(self.monitor)["event"])
         return self.socket in events
@@ -246,7 +247,7 @@ class Connection:
         try:
             link.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            if not link.socket.poll(int(self.timeout_s * 1000), zmq.POLLOUT):
+            if not cooperative.poll_socket(link.socket, zmq.POLLOUT, int(self.timeout_s * 1000)):
                 self._drop(link)
                 raise PeerGone(f"cannot send {op!r} to {self.address}: its connection is down") from None
             link.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -280,8 +281,9 @@ class Connection:
         return replies
 
     def _wait(self, link: _Link, deadline: float, expected_s: float | None) -> bool:
-        """Sleep until shortly before the reply is due, spin for at most 2·spin_s, then sleep again."""
-        if expected_s is not None and self.spin_s > 0:
+        """Sleep until shortly before the reply is due, spin for at most 2·spin_s, then sleep again.
+        (On an event loop it never spins: that would hold up every other generation.)"""
+        if expected_s is not None and self.spin_s > 0 and not cooperative.parks():
             nap_ms = int((expected_s - self.spin_s) * 1000)
             if nap_ms > 0 and link.ready(nap_ms):
                 return True

@@ -18,6 +18,7 @@ import time
 import zmq
 
 from blockswarm.core.errors import BadRequest, BlockswarmError, Infeasible
+from blockswarm.runtime import cooperative
 from blockswarm.runtime.chain import Hop
 from blockswarm.runtime.connection import Connection, client_context
 from blockswarm.runtime.coordinator.link import CoordinatorLink
@@ -117,7 +118,7 @@ class Coordinated:
                     except Infeasible:
                         if time.monotonic() >= deadline:
                             raise
-                        time.sleep(0.5)
+                        cooperative.sleep(0.5)
 
             released = []
 

@@ -14,6 +14,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from blockswarm.core.errors import BadPeer, BadRequest, Refused, Timeout
+from blockswarm.runtime import cooperative
 from blockswarm.runtime.messages import (
     MAX_HEADER_BYTES, REFUSED_EVENTS, decode_header, dial, encode_header, keep_alive, parse_address, raise_if_error,
 )
@@ -53,7 +54,7 @@ class CoordinatorLink:
         poller.register(self.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            ready = dict(cooperative.poll(poller, int(left * 1000) + 1)) if left > 0 else {}
             if self.monitor in ready:
                 event = recv_monitor_message(self.monitor)["event"]
                 self._reset()
