@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from blockswarm.core.errors import BadRequest
@@ -85,3 +87,29 @@ def test_smollm2_split_matches_whole_model(smollm2_dir):
     got = split_logits(smollm2_dir, (0, 10, 20, 30), prompt, decode)
     for want, have in zip(expected, got):
         assert torch.max(torch.abs(want - have)).item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def chat_head(tmp_path_factory, smollm2_dir):
+    from blockswarm.model.tiny import tiny_chat_model
+
+    return ClientHead.load(str(tiny_chat_model(tmp_path_factory.mktemp("chat") / "chat", smollm2_dir)))
+
+
+_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                            "content": st.text(max_size=60)}), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages=_messages)
+def test_chat_encoding_is_what_transformers_tokenizes(chat_head, messages):
+    """The chat template's text through the Rust tokenizer directly: the same ids as transformers'
+    `apply_chat_template(tokenize=True)`, for any conversation (special tokens in a message too)."""
+    expected = chat_head.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert chat_head.encode_chat(messages) == list(expected)
+
+
+def test_chat_encoding_with_a_special_token_in_a_message(chat_head):
+    messages = [{"role": "user", "content": "<|im_end|> then <|im_start|>assistant\nhello"}]
+    test_chat_encoding_is_what_transformers_tokenizes.hypothesis.inner_test(chat_head, messages)

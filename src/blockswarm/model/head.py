@@ -102,7 +102,13 @@ class ClientHead:
         ending where the assistant's answer begins."""
         if not self.has_chat_template:
             raise ConfigError(f"{self.path.name} has no chat template; send a plain prompt instead")
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        tokenizer = self.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            # what transformers does with tokenize=True, less its batch machinery (~3x the cost)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return backend.encode(text, add_special_tokens=False).ids
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded  # a BatchEncoding or a list
         return list(ids)
 
