@@ -180,3 +180,22 @@ def test_outside_a_greenlet_waits_block_as_before(pair):
 
 async def _run(function, *args):
     return await cooperative.start(function, *args)
+
+
+def test_a_wait_may_spin_only_where_its_owner_allows():
+    """A thread may always spin for a reply due any moment; a greenlet on a loop only while its
+    owner says so (the API: one generation and nobody waiting), since a spin holds the loop up."""
+    assert cooperative.may_spin()
+    allowed = []
+
+    def ask():
+        return cooperative.may_spin()
+
+    async def main():
+        first = await cooperative.start(ask)
+        second = await cooperative.start(ask, may_spin=lambda: bool(allowed))
+        allowed.append(True)
+        third = await cooperative.start(ask, may_spin=lambda: bool(allowed))
+        return first, second, third
+
+    assert asyncio.run(main()) == (False, False, True)

@@ -113,7 +113,7 @@ class Engine:
         await self._admit(len(choices))
         events: asyncio.Queue[Event] = asyncio.Queue()
         for choice in choices:
-            task = cooperative.start(self._generate, choice, events, cancelled)
+            task = cooperative.start(self._generate, choice, events, cancelled, may_spin=self._alone)
             self._tasks.add(task)  # (the loop keeps only weak references to tasks)
             task.add_done_callback(self._tasks.discard)
         try:
@@ -145,6 +145,11 @@ class Engine:
             raise
         finally:
             self.waiting -= 1
+
+    def _alone(self) -> bool:
+        """Whether one generation runs and no request waits: its waits may then spin for replies
+        due any moment, as the Python API's do (waking the loop costs more than a short spin)."""
+        return self.running == 1 and not self.waiting
 
     def _release(self) -> None:
         """(On the event loop.) A slot is free again."""

@@ -282,8 +282,8 @@ class Connection:
 
     def _wait(self, link: _Link, deadline: float, expected_s: float | None) -> bool:
         """Sleep until shortly before the reply is due, spin for at most 2·spin_s, then sleep again.
-        (On an event loop it never spins: that would hold up every other generation.)"""
-        if expected_s is not None and self.spin_s > 0 and not cooperative.parks():
+        (On an event loop only while it has nothing else to serve: a spin holds the loop up.)"""
+        if expected_s is not None and self.spin_s > 0 and cooperative.may_spin():
             nap_ms = int((expected_s - self.spin_s) * 1000)
             if nap_ms > 0 and link.ready(nap_ms):
                 return True

@@ -28,6 +28,10 @@ import zmq
 class _OnLoop(greenlet.greenlet):
     """A greenlet whose waits are awaited by the asyncio task that drives it (`start`)."""
 
+    def __init__(self, function, may_spin):
+        super().__init__(function)
+        self.may_spin = may_spin
+
 
 @dataclass(frozen=True)
 class _Wait:
@@ -44,6 +48,13 @@ class _Offload:
 def parks() -> bool:
     """Whether waits here park a greenlet on an event loop (False: they block the thread)."""
     return isinstance(greenlet.getcurrent(), _OnLoop)
+
+
+def may_spin() -> bool:
+    """Whether a wait here may spin for a reply due any moment (holding its thread): anywhere but
+    on an event loop, and there only while its owner says the loop has nothing else to serve."""
+    current = greenlet.getcurrent()
+    return not isinstance(current, _OnLoop) or current.may_spin()
 
 
 def poll(poller: zmq.Poller, timeout_ms: int | None) -> list[tuple[object, int]]:
@@ -97,12 +108,13 @@ def _park(request):
     return greenlet.getcurrent().parent.switch(request)
 
 
-def start(function, *args) -> asyncio.Task:
+def start(function, *args, may_spin=lambda: False) -> asyncio.Task:
     """`function(*args)` on this event loop's thread, its waits awaited, as a task; it starts here and
     now and runs until it first waits (a task of its own would start one turn of the loop later).
     Cancelling the task raises CancelledError where the function waits, so its `finally` blocks
-    (closing sessions) still run, their own waits awaited."""
-    child = _OnLoop(function)
+    (closing sessions) still run, their own waits awaited. `may_spin()`: whether its waits may spin
+    now (see `may_spin`)."""
+    child = _OnLoop(function, may_spin)
     return asyncio.get_running_loop().create_task(_drive(child, child.switch(*args)))
 
 
