@@ -4,7 +4,7 @@ through a bounded queue.
 Each choice runs the Python API's own synchronous code (`DistributedModel.stream`) on the event
 loop's thread through `runtime.cooperative`: where it waits for a server's reply, it parks and the
 loop serves everything else; its text goes straight into the request's queue. No thread is woken
-on the way (each wake-up costs 0.2-0.5 ms on a VM, and a generation in a worker thread paid three
+on the way (each wake-up costs 0.2-0.5 ms on a VM, and a generation in a worker thread paid two
 before its first token); a model whose LM head is heavy picks its tokens in a thread
 (`DistributedModel.offload_head_macs`). A request takes one slot per choice; when all `slots` are
 busy it waits in a queue of at most `queue` requests, beyond which it is refused (429). A swarm

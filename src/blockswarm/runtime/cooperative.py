@@ -10,7 +10,7 @@ sessions, two ways to wait.
 
 Why not a worker thread per generation: every hand-off between threads is a wake-up, which costs
 0.2-0.5 ms on a VM, and threads that spin for their replies hold the GIL the loop needs. A
-generation in a thread paid three before its first token (the pool's thread, then the loop) and
+generation in a thread paid two before its first token (the pool's thread, then the loop) and
 one more per token; on the loop it pays none. The work of a token on the client (embedding, the
 LM head, sampling) then runs on the loop; callers hand heavy work to a thread with `offload`.
 """
@@ -62,7 +62,7 @@ def poll(poller: zmq.Poller, timeout_ms: int | None) -> list[tuple[object, int]]
     if not parks():
         return poller.poll(timeout_ms)
     deadline = None if timeout_ms is None or timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
-    fds = tuple(socket if isinstance(socket, int) else socket.FD for socket, _ in poller.sockets)
+    fds = None  # (read only when it parks: most polls find the reply there already)
     while True:
         # ZeroMQ's FD only says that something changed; a zero-timeout poll says what (and
         # clears the FD's signal, so the next change signals again)
@@ -72,6 +72,8 @@ def poll(poller: zmq.Poller, timeout_ms: int | None) -> list[tuple[object, int]]
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return []
+        if fds is None:
+            fds = tuple(socket if isinstance(socket, int) else socket.FD for socket, _ in poller.sockets)
         _park(_Wait(fds, left))
 
 
