@@ -45,21 +45,26 @@ GREEDY = SamplingParams()
 class HTTPClient:
     """One keep-alive connection, stdlib http.client with Nagle off: the lightest streaming client,
     so that what is measured is the API's cost, not the client's (httpx, under the OpenAI SDK,
-    adds ~0.4 ms per request here on its own)."""
+    adds ~0.4 ms per request here on its own). A request leaves in one write, as curl sends a
+    small POST: http.client writes the headers and the body apart, and the API, woken by the
+    headers, would wait ~0.2 ms more for a second packet that is the client's doing."""
 
     def __init__(self, url: str):
         host, port = url.removeprefix("http://").split(":")
         self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
         self.connection.connect()
         self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.host = f"{host}:{port}"
 
     def chat(self, tokens: int) -> dict:
         body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens,
-                           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+                           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
         begin = time.perf_counter()
-        self.connection.request("POST", "/v1/chat/completions", body=body,
-                                headers={"Content-Type": "application/json"})
-        response = self.connection.getresponse()
+        self.connection.sock.sendall(request)
+        response = http.client.HTTPResponse(self.connection.sock, method="POST")
+        response.begin()
         if response.status != 200:
             raise RuntimeError(f"{response.status}: {response.read()[:300]!r}")
         first = last = None
@@ -76,6 +81,7 @@ class HTTPClient:
                     first = now
                 if choice["finish_reason"] is not None:
                     last = now
+        response.close()
         return {"ttft_s": first - begin, "per_token_s": (last - first) / max(1, generated - 1),
                 "latency_s": time.perf_counter() - begin, "tokens": generated}
 

@@ -6,6 +6,7 @@ stops on Ctrl-C) and what tests and benchmarks run in a thread (`start`/`stop`).
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import socket
@@ -123,6 +124,7 @@ class APIServer:
         catches the signal, shuts down and raises it again, but under asyncio.run that second
         SIGINT may or may not become a KeyboardInterrupt: whether the main task was still running
         decides. Raising it here makes the ending the same every time.)"""
+        freeze_startup_objects()
         try:
             self.server.run(sockets=[self.socket])
         finally:
@@ -154,6 +156,15 @@ class APIServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def freeze_startup_objects() -> None:
+    """Move what is alive now (modules, the model's head, the tokenizer: millions of objects that
+    live as long as the process) out of the garbage collector's sight, as vLLM does after loading.
+    Each collection of the older generation walked them all: ~0.8 ms, every ten or so young
+    collections, several times per request and at random places in its stream."""
+    gc.collect()
+    gc.freeze()
 
 
 def bind(host: str, port: int) -> socket.socket:
