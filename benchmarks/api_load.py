@@ -3,12 +3,12 @@
 A local swarm of two server processes holds a tiny random llama that speaks SmolLM2's tokens
 (`blockswarm.model.tiny`: real tokenizer and chat template, a token in ~10 ms here), so that what
 is measured is the API and not the model. Both clients ask the same chat question with the chat
-template, greedy, streaming:
-The API runs as its own process (`blockswarm api`), as users run it.
+template, greedy, streaming. The API runs as its own process (`blockswarm api`), as users run it.
 - overhead: one streaming HTTP client (keep-alive, as SDKs do) and the Python API
   (`DistributedModel.stream`) alternate at concurrency 1; TTFT is from sending the request to the
   first token's text arriving, per-token time is the mean gap between the first and the last
-  token. The overhead is the difference of the medians.
+  token. The overhead is the difference of the medians, with a 95% interval from resampling the
+  pairs (one request's TTFT varies by milliseconds on a shared VM).
 - load: 1, 4 and 16 concurrent clients, each through the API and through the Python API (threads
   sharing one model), with requests/s and TTFT / latency percentiles.
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
+import random
 import socket
 import statistics
 import sys
@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httptools
 
 from blockswarm.model.checkpoint import ensure_smollm2
 from blockswarm.model.sampling import SamplingParams
@@ -43,56 +44,87 @@ GREEDY = SamplingParams()
 
 
 class HTTPClient:
-    """One keep-alive connection, stdlib http.client with Nagle off: the lightest streaming client,
-    so that what is measured is the API's cost, not the client's (httpx, under the OpenAI SDK,
-    adds ~0.4 ms per request here on its own). A request leaves in one write, as curl sends a
-    small POST: http.client writes the headers and the body apart, and the API, woken by the
-    headers, would wait ~0.2 ms more for a second packet that is the client's doing."""
+    """One keep-alive connection on a plain socket with Nagle off, each request in one write (as
+    curl sends a small POST), the response read by httptools (uvicorn's C parser): the lightest
+    streaming client, so that what is measured is the API's cost, not the client's. (stdlib
+    http.client writes a request's headers and body apart, and the API, woken by the headers, then
+    waits ~0.2 ms for the body; it parses headers with the email package, 2.5x the work of this
+    client; httpx, under the OpenAI SDK, adds ~0.4 ms per request on its own.)"""
 
     def __init__(self, url: str):
         host, port = url.removeprefix("http://").split(":")
-        self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
-        self.connection.connect()
-        self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socket = socket.create_connection((host, int(port)), timeout=120)
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.host = f"{host}:{port}"
+
+    def _exchange(self, request: bytes, on_body) -> int:
+        """Send `request`; hand the response's body (chunked encoding undone) to `on_body` as it
+        arrives; return the status once the response has ended."""
+        status, ended = None, False
+
+        class Response:
+            @staticmethod
+            def on_headers_complete():
+                nonlocal status
+                status = parser.get_status_code()
+
+            @staticmethod
+            def on_body(data: bytes):
+                on_body(data)
+
+            @staticmethod
+            def on_message_complete():
+                nonlocal ended
+                ended = True
+
+        parser = httptools.HttpResponseParser(Response)
+        self.socket.sendall(request)
+        while not ended:
+            data = self.socket.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the API closed the connection mid-response")
+            parser.feed_data(data)
+        return status
 
     def chat(self, tokens: int) -> dict:
         body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens,
                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
         request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        begin = time.perf_counter()
-        self.connection.sock.sendall(request)
-        response = http.client.HTTPResponse(self.connection.sock, method="POST")
-        response.begin()
-        if response.status != 200:
-            raise RuntimeError(f"{response.status}: {response.read()[:300]!r}")
-        first = last = None
-        generated = 0
-        while line := response.readline():
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
+        pending, seen = bytearray(), {"first": None, "last": None, "generated": 0}
+
+        def on_body(data: bytes) -> None:
             now = time.perf_counter()
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                generated = chunk["usage"]["completion_tokens"]
-            for choice in chunk["choices"]:
-                if choice["delta"].get("content") and first is None:
-                    first = now
-                if choice["finish_reason"] is not None:
-                    last = now
-        response.close()
+            pending.extend(data)
+            while (end := pending.find(b"\n\n")) >= 0:  # server-sent events end with a blank line
+                event = bytes(pending[:end])
+                del pending[:end + 2]
+                if not event.startswith(b"data: {"):  # ([DONE], comments)
+                    continue
+                chunk = json.loads(event[6:])
+                if chunk.get("usage"):
+                    seen["generated"] = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content") and seen["first"] is None:
+                        seen["first"] = now
+                    if choice["finish_reason"] is not None:
+                        seen["last"] = now
+
+        begin = time.perf_counter()
+        status = self._exchange(request, on_body)
+        if status != 200:
+            raise RuntimeError(f"{status}: {bytes(pending)[:300]!r}")
+        first, last, generated = seen["first"], seen["last"], seen["generated"]
         return {"ttft_s": first - begin, "per_token_s": (last - first) / max(1, generated - 1),
                 "latency_s": time.perf_counter() - begin, "tokens": generated}
 
     def get(self) -> float:
         begin = time.perf_counter()
-        self.connection.request("GET", "/v1/models")
-        self.connection.getresponse().read()
+        self._exchange(f"GET /v1/models HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode(), lambda data: None)
         return time.perf_counter() - begin
 
     def close(self) -> None:
-        self.connection.close()
+        self.socket.close()
 
 
 def http_floor(url: str, idle_s: float) -> dict:
@@ -142,21 +174,29 @@ def overhead(model, url: str, pairs: int, tokens: int) -> dict:
         api.append(client.chat(tokens))
         python.append(through_python(model, tokens))
     client.close()
+    result = {"pairs": pairs, "tokens": tokens}
+    for key, name in (("ttft_s", "ttft"), ("per_token_s", "per_token")):
+        a, p = [r[key] * 1e3 for r in api], [r[key] * 1e3 for r in python]
+        low, high = bootstrap_difference(a, p)
+        result.update({
+            f"api_{name}_ms": statistics.median(a), f"python_{name}_ms": statistics.median(p),
+            f"api_overhead_{name}_ms": statistics.median(a) - statistics.median(p),
+            f"api_overhead_{name}_ci95_ms": [low, high],
+            # the same from each request and the Python one next to it (less sensitive to drift)
+            f"paired_overhead_{name}_ms": statistics.median(x - y for x, y in zip(a, p)),
+            f"samples_{name}_ms": {"api": a, "python": p},
+        })
+    return result
 
-    def median(runs: list[dict], key: str) -> float:
-        return statistics.median(r[key] for r in runs)
 
-    return {
-        "pairs": pairs, "tokens": tokens,
-        "api_ttft_ms": median(api, "ttft_s") * 1e3, "python_ttft_ms": median(python, "ttft_s") * 1e3,
-        "api_per_token_ms": median(api, "per_token_s") * 1e3, "python_per_token_ms": median(python, "per_token_s") * 1e3,
-        "api_overhead_ttft_ms": (median(api, "ttft_s") - median(python, "ttft_s")) * 1e3,
-        "api_overhead_per_token_ms": (median(api, "per_token_s") - median(python, "per_token_s")) * 1e3,
-        # the same from each request and the Python one next to it (less sensitive to drift)
-        "paired_overhead_ttft_ms": statistics.median(a["ttft_s"] - p["ttft_s"] for a, p in zip(api, python)) * 1e3,
-        "paired_overhead_per_token_ms": statistics.median(
-            a["per_token_s"] - p["per_token_s"] for a, p in zip(api, python)) * 1e3,
-    }
+def bootstrap_difference(a: list[float], b: list[float], rounds: int = 2000) -> tuple[float, float]:
+    """A 95% interval for median(a) - median(b), resampling the pairs: on this shared VM one
+    request's TTFT varies by milliseconds, so a single run's medians are not the whole story."""
+    draw = random.Random(0)
+    indices = range(len(a))
+    differences = sorted(statistics.median(a[i] for i in sample) - statistics.median(b[i] for i in sample)
+                         for sample in (draw.choices(indices, k=len(a)) for _ in range(rounds)))
+    return differences[int(0.025 * rounds)], differences[int(0.975 * rounds) - 1]
 
 
 def load(model, url: str, concurrency: int, requests: int, tokens: int) -> dict:
@@ -197,7 +237,7 @@ def api_process(addresses: list[str], model_dir: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--pairs", type=int, default=30, help="alternated API / Python requests for the overhead")
+    parser.add_argument("--pairs", type=int, default=60, help="alternated API / Python requests for the overhead")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level and client")
     args = parser.parse_args()
@@ -213,10 +253,10 @@ def main() -> None:
             result["levels"] = [load(model, url, c, args.requests, args.tokens) for c in (1, 4, 16)]
 
     print(f"\nAPI overhead at concurrency 1 (medians of {args.pairs} alternated requests, {args.tokens} tokens):")
-    print(f"  TTFT       API {result['api_ttft_ms']:7.2f} ms   Python {result['python_ttft_ms']:7.2f} ms   "
-          f"overhead {result['api_overhead_ttft_ms']:+.2f} ms   (target <= 2 ms)")
-    print(f"  per token  API {result['api_per_token_ms']:7.2f} ms   Python {result['python_per_token_ms']:7.2f} ms   "
-          f"overhead {result['api_overhead_per_token_ms']:+.3f} ms  (target <= 0.5 ms)")
+    for name, label, target in (("ttft", "TTFT     ", "<= 2 ms"), ("per_token", "per token", "<= 0.5 ms")):
+        low, high = result[f"api_overhead_{name}_ci95_ms"]
+        print(f"  {label}  API {result[f'api_{name}_ms']:7.2f} ms   Python {result[f'python_{name}_ms']:7.2f} ms   "
+              f"overhead {result[f'api_overhead_{name}_ms']:+.3f} ms (95% {low:+.2f} to {high:+.2f})   (target {target})")
     print(f"  median of paired differences: TTFT {result['paired_overhead_ttft_ms']:+.2f} ms, "
           f"per token {result['paired_overhead_per_token_ms']:+.3f} ms")
     floor = result["http_floor"]

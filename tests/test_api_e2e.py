@@ -204,6 +204,8 @@ def test_every_error_is_its_status_in_openai_shape(api, chat_model, swarm):
     huge = post("/chat/completions", {**ok, "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
     assert huge.status_code == 413 and error_of(huge)["code"] == "request_too_large"
     assert error_of(httpx.get(f"{api.url}/v2/nothing"))["code"] == "not_found"
+    wrong_method = httpx.get(f"{url}/chat/completions")  # (the generation routes take POSTs only)
+    assert wrong_method.status_code == 405 and error_of(wrong_method)["code"] == "method_not_allowed"
 
     # one generation at a time and no queue: a second request while one runs is a 429 with Retry-After
     keys = {"sk-test-1"}
