@@ -6,7 +6,6 @@ stops on Ctrl-C) and what tests and benchmarks run in a thread (`start`/`stop`).
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import logging
 import socket
@@ -15,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from blockswarm.core.errors import ConfigError
+from blockswarm.runtime.collector import freeze_startup_objects
 from blockswarm.runtime.messages import model_name
 
 log = logging.getLogger("blockswarm.api")
@@ -156,15 +156,6 @@ class APIServer:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def freeze_startup_objects() -> None:
-    """Move what is alive now (modules, the model's head, the tokenizer: millions of objects that
-    live as long as the process) out of the garbage collector's sight, as vLLM does after loading.
-    Each collection of the older generation walked them all: ~0.8 ms, every ten or so young
-    collections, several times per request and at random places in its stream."""
-    gc.collect()
-    gc.freeze()
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -26,6 +26,7 @@ from blockswarm.core.errors import BadRequest, BlockswarmError, CacheFull, Serve
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.profile import SpanProfile, measure
 from blockswarm.model.span import Span
+from blockswarm.runtime.collector import freeze_startup_objects
 from blockswarm.runtime.devices import check_device
 from blockswarm.runtime.endpoints import Endpoints, port_limits, receive
 from blockswarm.runtime.guard import HOT_CHECK_S, Guard, give_memory_back
@@ -386,6 +387,7 @@ def announce_ready(server: Server, on_signal=None) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (on_signal or server.stop)())
+    freeze_startup_objects()  # (the model is loaded and measured: what is alive now lives as long as we do)
     server.serve(announce)
 
 

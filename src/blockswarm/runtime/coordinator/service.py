@@ -30,6 +30,7 @@ import zmq
 from blockswarm.core.errors import BadRequest, BlockswarmError, ConfigError
 from blockswarm.perf.model import default_request, route_time
 from blockswarm.planner.registry import decide
+from blockswarm.runtime.collector import freeze_startup_objects
 from blockswarm.runtime.coordinator.store import Store, default_state_path
 from blockswarm.runtime.coordinator.swarm import DEFAULT_RTT_S, HEARTBEAT_S, Swarm, SwarmConfig
 from blockswarm.runtime.endpoints import MAX_FRAMES, bind_router, receive
@@ -317,4 +318,5 @@ def run_coordinator(config: CoordinatorConfig) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: coordinator.stop())
+    freeze_startup_objects()
     coordinator.serve(announce)
