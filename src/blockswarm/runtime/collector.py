@@ -5,7 +5,7 @@ Such a process imports torch and transformers (and loads a model, a tokenizer) b
 ~235 ms here with every thread of the process held by the GIL: a step stalled in a server, every
 stream at once in the API. It runs whenever the objects that outlived younger collections reach
 a quarter of the old ones: the API's start-up set off six (30-230 ms each), and 40 s of serving
-none, but a process that serves for days gets there now and then. Freezing what is alive once
+none, but a process that serves for days may get there. Freezing what is alive once
 start-up is done (as vLLM does after loading) takes those objects out of every later collection:
 a full collection right after costs ~0 ms instead of 235.
 """
