@@ -24,6 +24,7 @@ import zmq
 from blockswarm.core.errors import BlockswarmError, ConfigError, PeerGone, Timeout
 from blockswarm.model.checkpoint import load_config, model_fingerprint, resolve_model
 from blockswarm.model.span import Span
+from blockswarm.runtime.collector import freeze_startup_objects
 from blockswarm.runtime.coordinator.link import CoordinatorLink
 from blockswarm.runtime.endpoints import Endpoints, port_limits
 from blockswarm.runtime.messages import model_name
@@ -146,12 +147,14 @@ def run_member(config: ServeConfig, keys=None) -> None:
                 assign = reply.get("assign")
             else:
                 assign = beat.get("assign")
-        span = Span.load(path, assign["start"], assign["end"], dtype=DTYPES[config.dtype], device=config.device)
-        served = dataclasses.replace(config, start=assign["start"], end=assign["end"],
-                                     cache_tokens=max(1, assign["cache_tokens"]),
-                                     max_session_tokens=assign["session_tokens"])
-        server = Server(served, span, profile, model_fingerprint(path), context_tokens, endpoints,
-                        ticket_secret=member.secret)
+        with LoadingBeats(member, reply.get("heartbeat_s", 1.0)):  # (a big span loads for longer than 3 misses)
+            span = Span.load(path, assign["start"], assign["end"], dtype=DTYPES[config.dtype], device=config.device)
+            served = dataclasses.replace(config, start=assign["start"], end=assign["end"],
+                                         cache_tokens=max(1, assign["cache_tokens"]),
+                                         max_session_tokens=assign["session_tokens"])
+            server = Server(served, span, profile, model_fingerprint(path), context_tokens, endpoints,
+                            ticket_secret=member.secret)
+            freeze_startup_objects()  # (here, between beats: its full collection holds the GIL for a while)
     except BaseException:
         endpoints.close()
         raise
@@ -173,6 +176,34 @@ def _patiently(call, address: str):
             if not said:
                 print(f"waiting for the coordinator at {address}: {exc}", flush=True)
                 said = True
+
+
+class LoadingBeats:
+    """While the span it was given loads: a thread that tells the coordinator "loading" every
+    `period`, so that a load longer than the coordinator's patience (three missed beats) is not
+    taken for a server gone. The member's socket is the thread's until the block ends (starting
+    and joining the thread are the memory barriers ZeroMQ asks for)."""
+
+    def __init__(self, member: Member, period: float):
+        self.member, self.period = member, period
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loading-beats", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.period):
+            try:
+                self.member.call({"op": "heartbeat", "server": self.member.server_id, "state": "loading",
+                                  "free_cache_tokens": 0, "sessions": 0}, timeout_s=self.period * 2)
+            except BlockswarmError as exc:  # (the heartbeat thread re-registers if it was forgotten)
+                log.info("the coordinator did not answer a heartbeat while loading (%s); retrying", exc)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
 
 
 class Heartbeat:
