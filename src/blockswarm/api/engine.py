@@ -191,7 +191,7 @@ class Engine:
         not wait for). A full swarm is waited out (before the first token) for up to `full_wait_s`."""
         deadline, pause = time.monotonic() + self.full_wait_s, 0.1
         while True:
-            stops, count, finish = StopMatcher(choice.stops), 0, "length"
+            stops, count, finish, spoken = StopMatcher(choice.stops), 0, "length", False
             stream = self.model.stream(choice.prompt, choice.max_tokens, choice.sampling, stop_at_eos=True)
             try:
                 for streamed in stream:
@@ -201,11 +201,9 @@ class Engine:
                     text, stopped = stops.feed(streamed.text)
                     if text:
                         send(Event(choice.index, text=text))
-                    # the loop gets a turn every token: the text goes out before the next token's
-                    # work begins, and a client gone is heard. (A lone generation's waits may spin
-                    # through a whole step without parking: with fast hops it held the loop for
-                    # its every token, its chunks unsent and its client's disconnect unheard.)
-                    cooperative.let_loop_run()
+                        if not spoken:  # the first text goes out before the next token's work begins;
+                            spoken = True  # later ones while the swarm computes the next (every wait
+                            cooperative.let_loop_run()  # parks or gives the loop a turn first)
                     if stopped or streamed.last or cancelled.is_set():
                         finish = "cancelled" if cancelled.is_set() else "stop"
                         break

@@ -282,11 +282,14 @@ class Connection:
 
     def _wait(self, link: _Link, deadline: float, expected_s: float | None) -> bool:
         """Sleep until shortly before the reply is due, spin for at most 2·spin_s, then sleep again.
-        (On an event loop only while it has nothing else to serve: a spin holds the loop up.)"""
+        (On an event loop only while it has nothing else to serve, and after one turn of the loop:
+        a spin holds the loop up, and the hop's reply is rarely back by then. Without that turn a
+        generation whose hops all answered within their spin held the loop for its whole stream.)"""
         if expected_s is not None and self.spin_s > 0 and cooperative.may_spin():
             nap_ms = int((expected_s - self.spin_s) * 1000)
             if nap_ms > 0 and link.ready(nap_ms):
                 return True
+            cooperative.let_loop_run()
             spin_until = min(time.perf_counter() + 2 * self.spin_s, deadline)
             while time.perf_counter() < spin_until:
                 if link.ready(0):

@@ -39,6 +39,9 @@ class _Wait:
     timeout_s: float | None  # ...or after this long (None: never)
 
 
+_TURN = object()  # a wait for nothing: one turn of the loop (the cheapest: no future, no timer)
+
+
 @dataclass(frozen=True)
 class _Offload:
     function: object
@@ -95,7 +98,7 @@ def let_loop_run() -> None:
     """On an event loop, let it run what is ready (e.g. send what was just produced) before going
     on; elsewhere nothing."""
     if parks():
-        _park(_Wait((), 0.0))
+        _park(_TURN)
 
 
 def offload(function, *args):
@@ -125,7 +128,9 @@ async def _drive(child: _OnLoop, request):
     loop = asyncio.get_running_loop()
     while not child.dead:
         try:
-            if isinstance(request, _Offload):
+            if request is _TURN:
+                answer = await asyncio.sleep(0)
+            elif isinstance(request, _Offload):
                 answer = await loop.run_in_executor(None, request.function, *request.args)
             else:
                 answer = await _until(loop, request)
