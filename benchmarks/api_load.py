@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httptools
 
@@ -60,31 +61,16 @@ class HTTPClient:
     def _exchange(self, request: bytes, on_body) -> int:
         """Send `request`; hand the response's body (chunked encoding undone) to `on_body` as it
         arrives; return the status once the response has ended."""
-        status, ended = None, False
-
-        class Response:
-            @staticmethod
-            def on_headers_complete():
-                nonlocal status
-                status = parser.get_status_code()
-
-            @staticmethod
-            def on_body(data: bytes):
-                on_body(data)
-
-            @staticmethod
-            def on_message_complete():
-                nonlocal ended
-                ended = True
-
-        parser = httptools.HttpResponseParser(Response)
+        ended = []
+        parser = httptools.HttpResponseParser(SimpleNamespace(on_body=on_body,
+                                                              on_message_complete=lambda: ended.append(True)))
         self.socket.sendall(request)
         while not ended:
             data = self.socket.recv(1 << 16)
             if not data:
                 raise ConnectionError("the API closed the connection mid-response")
             parser.feed_data(data)
-        return status
+        return parser.get_status_code()
 
     def chat(self, tokens: int) -> dict:
         body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens,

@@ -92,6 +92,11 @@ class Member:
         self.server_id, self.secret = server, secret
         return reply
 
+    def loading(self, timeout_s: float = REGISTER_TIMEOUT_S) -> dict:
+        """A heartbeat before serving: placed or not yet, the span is not loaded."""
+        return self.call({"op": "heartbeat", "server": self.server_id, "state": "loading", "free_cache_tokens": 0,
+                          "sessions": 0}, timeout_s)
+
 
 def run_member(config: ServeConfig, keys=None) -> None:
     """Bind, measure, register, wait for a span, load it, serve until SIGINT/SIGTERM; leave on exit."""
@@ -140,8 +145,7 @@ def run_member(config: ServeConfig, keys=None) -> None:
         assign = reply.get("assign")
         while assign is None:
             time.sleep(reply.get("heartbeat_s", 1.0))
-            beat = _patiently(lambda: member.call({"op": "heartbeat", "server": member.server_id, "state": "loading",
-                                                   "free_cache_tokens": 0, "sessions": 0}), config.coordinator)
+            beat = _patiently(member.loading, config.coordinator)
             if not beat.get("known"):
                 reply = _patiently(lambda: member.register(registration), config.coordinator)
                 assign = reply.get("assign")
@@ -192,8 +196,7 @@ class LoadingBeats:
     def _run(self) -> None:
         while not self._done.wait(self.period):
             try:
-                self.member.call({"op": "heartbeat", "server": self.member.server_id, "state": "loading",
-                                  "free_cache_tokens": 0, "sessions": 0}, timeout_s=self.period * 2)
+                self.member.loading(timeout_s=self.period * 2)
             except BlockswarmError as exc:  # (the heartbeat thread re-registers if it was forgotten)
                 log.info("the coordinator did not answer a heartbeat while loading (%s); retrying", exc)
 

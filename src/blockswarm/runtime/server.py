@@ -368,7 +368,9 @@ class Server:
 def run_server(config: ServeConfig, server_class: type[Server] = Server) -> None:
     """Bind, load, print one READY line with the address and measured speed, serve until SIGINT/SIGTERM.
     (`server_class`: tests run hostile variants of the server through the same start-up.)"""
-    announce_ready(server_class.load(config))
+    server = server_class.load(config)
+    freeze_startup_objects()  # (the model is loaded and measured: what is alive now lives as long as we do)
+    announce_ready(server)
 
 
 def announce_ready(server: Server, on_signal=None) -> None:
@@ -387,7 +389,6 @@ def announce_ready(server: Server, on_signal=None) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (on_signal or server.stop)())
-    freeze_startup_objects()  # (the model is loaded and measured: what is alive now lives as long as we do)
     server.serve(announce)
 
 
