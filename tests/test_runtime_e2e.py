@@ -6,6 +6,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -187,6 +188,11 @@ def test_a_server_that_dies_or_freezes_mid_session_is_reported_not_awaited(tiny_
         hidden = torch.zeros(1, 1, 64)
         connection.step(hidden)
         process.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        if how == "frozen":  # (a stop is delivered a moment later: a step sent before it is answered)
+            deadline = time.monotonic() + 5
+            while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "Tt" \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
         try:
             with pytest.raises(PeerGone, match=f"lost the connection to {address} while waiting for 'step'") as caught:
                 connection.step(hidden)  # a Timeout here would mean 30 s of waiting
